@@ -1,0 +1,1 @@
+"""creditsync: keep per-instance plans and credits equal to what billing says."""
