@@ -1,0 +1,187 @@
+"""The ``creditsync`` command line: check, fix, init-db, serve, demo.
+
+Exit codes: ``check`` 0 = no mismatch, 1 = mismatches; ``fix`` 0 = done,
+3 = refused by a guard rail; every command 2 = error, with one line on
+stderr and no traceback (set ``CREDITSYNC_DEBUG=1`` for one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from . import appdb, settings, sync
+from .billing import BillingClient, BillingError
+from .rules import MISMATCH_COLUMNS, RulesError
+
+EXIT_OK = 0
+EXIT_MISMATCHES = 1
+EXIT_ERROR = 2
+EXIT_REFUSED = 3
+
+EXPECTED_ERRORS = (BillingError, appdb.AppDatabaseError, RulesError, settings.SettingsError)
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("creditsync").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # httpx logs every request at INFO; the sync's own lines are what ops read.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def _billing_client(cfg: settings.Settings) -> BillingClient:
+    return BillingClient(
+        cfg.billing_api_url,
+        cfg.require_billing_token(),
+        timeout=cfg.billing_timeout,
+        max_attempts=cfg.billing_max_attempts,
+        page_size=cfg.billing_page_size,
+    )
+
+
+def _run_sync(cfg: settings.Settings, instance_ids: list[str] | None, options: sync.SyncOptions) -> sync.SyncReport:
+    engine = appdb.create_engine_from_url(cfg.database_url)
+    try:
+        with _billing_client(cfg) as billing:
+            if instance_ids:
+                return sync.run_targeted_sync(engine, billing, instance_ids, trigger="manual", options=options)
+            return sync.run_full_sync(engine, billing, trigger="manual", options=options)
+    finally:
+        engine.dispose()
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    if hasattr(value, "item"):  # numpy / pandas scalars
+        return value.item()
+    return value
+
+
+def mismatches_json(report: sync.SyncReport) -> dict[str, Any]:
+    """The ``check --json`` document (SPEC shape, plus counts)."""
+    rows = [
+        {col: _jsonable(getattr(row, col)) for col in MISMATCH_COLUMNS}
+        for row in report.mismatches.itertuples(index=False)
+    ]
+    return {"mismatches": rows, **report.summary()}
+
+
+def _print_table(report: sync.SyncReport, out: Any) -> None:
+    if report.mismatches.empty:
+        print(f"No mismatches among {report.total_instances} instance(s).", file=out)
+        return
+    print(f"{report.mismatch_count} mismatch(es) among {report.total_instances} instance(s):", file=out)
+    for kind, n in report.counts.items():
+        if n:
+            print(f"  {kind}: {n}", file=out)
+    print(file=out)
+    view = report.mismatches[MISMATCH_COLUMNS[:-1]].astype("object").where(report.mismatches[MISMATCH_COLUMNS[:-1]].notna(), "-")
+    print(view.to_string(index=False), file=out)
+
+
+def cmd_check(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    report = _run_sync(cfg, args.instance, sync.SyncOptions(dry_run=True, max_change_ratio=cfg.max_change_ratio))
+    if args.json:
+        print(json.dumps(mismatches_json(report), ensure_ascii=False, indent=2))
+    else:
+        _print_table(report, sys.stdout)
+    return EXIT_MISMATCHES if report.mismatch_count else EXIT_OK
+
+
+def cmd_fix(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    options = sync.SyncOptions(dry_run=args.dry_run, force=args.force, max_change_ratio=cfg.max_change_ratio)
+    report = _run_sync(cfg, args.instance, options)
+    if args.json:
+        print(json.dumps(mismatches_json(report), ensure_ascii=False, indent=2))
+    else:
+        s = report.summary()
+        print(
+            f"mismatches={s['mismatch_count']} planned={s['planned']} applied={s['applied']} "
+            f"skipped_conflict={s['skipped_conflict']} skipped_stale={s['skipped_stale']} "
+            f"remaining={s['remaining']} dry_run={str(report.dry_run).lower()}"
+        )
+    if report.refused:
+        print(f"creditsync: refused: {report.refused}", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def cmd_init_db(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    engine = appdb.create_engine_from_url(cfg.database_url)
+    try:
+        applied = appdb.init_db(engine)
+    finally:
+        engine.dispose()
+    print(f"schema applied to {appdb.redact_url(cfg.database_url)} ({', '.join(applied) or 'nothing to apply'})")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    from . import demo
+
+    return demo.main(port=args.port, ui=not args.no_ui)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="creditsync",
+        description="Keep every instance's plan and credits equal to what billing says.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser("check", help="report mismatches; exit 1 when there are any")
+    check.add_argument("--instance", action="append", metavar="ID", help="only this instance (repeatable)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(func=cmd_check)
+
+    fix = sub.add_parser("fix", help="correct mismatches (compare-and-set, audited)")
+    fix.add_argument("--dry-run", action="store_true", help="compute and report, write nothing")
+    fix.add_argument("--force", action="store_true", help="override the guard rails")
+    fix.add_argument("--instance", action="append", metavar="ID", help="only this instance (repeatable)")
+    fix.add_argument("--json", action="store_true", help="print the report as JSON")
+    fix.set_defaults(func=cmd_fix)
+
+    init = sub.add_parser("init-db", help="apply sql/ to DATABASE_URL (idempotent)")
+    init.set_defaults(func=cmd_init_db)
+
+    demo = sub.add_parser("demo", help="seed a SQLite app DB, start the billing simulator and the Dagster UI")
+    demo.add_argument("--port", type=int, default=3000, help="Dagster UI port (default 3000)")
+    demo.add_argument("--no-ui", action="store_true", help="seed and run the first sync, then exit")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        cfg = settings.from_env()
+        return args.func(args, cfg)
+    except EXPECTED_ERRORS as exc:
+        print(f"creditsync: error: {sync.one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # an unexpected fault: still one line unless debugging
+        if os.environ.get("CREDITSYNC_DEBUG"):
+            raise
+        print(f"creditsync: error: unexpected {type(exc).__name__}: {sync.one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dagster definitions, one module per Dagster concept; ``definitions.py`` assembles them."""

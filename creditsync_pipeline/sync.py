@@ -1,0 +1,423 @@
+"""The sync service: a full or targeted reconciliation, and its report.
+
+Every entry point (Dagster assets, sensors' jobs, the CLI, the HTTP app)
+calls these functions; none of them re-implements a step. A run is five
+stages, each also callable on its own (the Dagster assets call them one per
+asset):
+
+1. :func:`fetch_billing` / :func:`fetch_billing_for` — billing records;
+2. :func:`read_state` — plans and instance rows (after the fetch, so a row
+   changed meanwhile is seen as newer than the billing data);
+3. :func:`decide` — the pure rules and guard rails;
+4. :func:`apply` — bulk compare-and-set writes with audit rows, one transaction;
+5. :func:`verify` — re-read the touched rows: what is still wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import pandas as pd
+from sqlalchemy.engine import Engine
+
+from . import appdb, rules
+from .billing import BillingClient, BillingSnapshot
+from .rules import CORRECTION_COLUMNS, KINDS, MISMATCH_COLUMNS, Decision, Guardrails, Scope
+
+logger = logging.getLogger("creditsync")
+
+TRIGGERS = ("periodic", "manual", "webhook", "provisioning")
+
+
+class Log(Protocol):
+    """What the service needs of a logger (stdlib logging or Dagster's)."""
+
+    def info(self, msg: str, *args: Any) -> Any: ...
+    def warning(self, msg: str, *args: Any) -> Any: ...
+    def error(self, msg: str, *args: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    """Knobs of one run."""
+
+    dry_run: bool = False
+    force: bool = False
+    max_change_ratio: float = 0.10
+    #: per-instance "Synced credits for instance ..." lines before summarising
+    log_limit: int = 1000
+
+    @property
+    def guardrails(self) -> Guardrails:
+        return Guardrails(max_change_ratio=self.max_change_ratio, force=self.force)
+
+
+@dataclass(frozen=True)
+class AppState:
+    """The app side of a run: plans, the rows in scope, the table size."""
+
+    plans: pd.DataFrame
+    instances: pd.DataFrame
+    total_instances: int
+
+
+@dataclass
+class SyncReport:
+    """What a run found and did; each entry point renders it its own way."""
+
+    run_id: str
+    trigger: str
+    scope: Scope
+    dry_run: bool
+    forced: bool
+    total_instances: int = 0
+    billing_records: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in KINDS})
+    mismatches: pd.DataFrame = field(default_factory=lambda: rules._empty(MISMATCH_COLUMNS))
+    planned: int = 0
+    applied: pd.DataFrame = field(default_factory=lambda: rules._empty(CORRECTION_COLUMNS))
+    skipped_conflict: int = 0
+    skipped_stale: int = 0
+    refused: str | None = None
+    remaining: pd.DataFrame = field(default_factory=lambda: rules._empty(CORRECTION_COLUMNS))
+    #: requested ids (targeted runs) that have no row in ``instances``
+    unknown_instance_ids: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mismatch_count(self) -> int:
+        return int(len(self.mismatches))
+
+    @property
+    def applied_count(self) -> int:
+        return int(len(self.applied))
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready counts (no per-instance rows)."""
+        return {
+            "run_id": self.run_id,
+            "trigger": self.trigger,
+            "scope": self.scope,
+            "dry_run": self.dry_run,
+            "forced": self.forced,
+            "total_instances": self.total_instances,
+            "billing_records": self.billing_records,
+            "mismatch_count": self.mismatch_count,
+            "counts": dict(self.counts),
+            "planned": self.planned,
+            "applied": self.applied_count,
+            "skipped_conflict": self.skipped_conflict,
+            "skipped_stale": self.skipped_stale,
+            "remaining": int(len(self.remaining)),
+            "refused": self.refused,
+            "unknown_instance_ids": list(self.unknown_instance_ids),
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+class SyncRefused(Exception):
+    """A guard rail refused the run; nothing was written."""
+
+    def __init__(self, report: SyncReport) -> None:
+        super().__init__(f"refused: {report.refused}")
+        self.report = report
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+# --- the stages ------------------------------------------------------------
+
+
+def fetch_billing(billing: BillingClient) -> BillingSnapshot:
+    """Every billing record (all pages); raises on an incomplete list."""
+    return billing.fetch_all()
+
+
+def fetch_billing_for(billing: BillingClient, instance_ids: Iterable[str]) -> BillingSnapshot:
+    """The records of the named instances, one GET each (404 = none)."""
+    return billing.fetch_instances(instance_ids)
+
+
+def read_state(engine: Engine, instance_ids: Iterable[str] | None = None) -> AppState:
+    """Plans and the instance rows in scope (all, or the named ones)."""
+    plans = appdb.load_plans(engine)
+    instances = appdb.read_instances(engine, None if instance_ids is None else list(instance_ids))
+    total = len(instances) if instance_ids is None else appdb.count_instances(engine)
+    return AppState(plans=plans, instances=instances, total_instances=total)
+
+
+def decide(
+    snapshot: BillingSnapshot, state: AppState, *, options: SyncOptions, now: datetime | None = None
+) -> Decision:
+    """Apply the rules to one snapshot and one state."""
+    scope: Scope = "full" if snapshot.requested_ids is None else "targeted"
+    return rules.decide(
+        plans=state.plans,
+        instances=state.instances,
+        records=snapshot.records,
+        invalid=snapshot.invalid,
+        absent_basis_at=snapshot.started_at,
+        now=now or utcnow(),
+        total_instances=state.total_instances,
+        scope=scope,
+        guardrails=options.guardrails,
+    )
+
+
+def apply(
+    engine: Engine,
+    decision: Decision,
+    *,
+    run_id: str,
+    trigger: str,
+    options: SyncOptions,
+    now: datetime | None = None,
+) -> appdb.ApplyResult | None:
+    """Write the decision's corrections (CAS + audit, one transaction).
+
+    Returns ``None`` when nothing may be written: a dry run or a refusal.
+    """
+    if options.dry_run or decision.refusal is not None:
+        return None
+    return appdb.apply_corrections(
+        engine, decision.corrections, run_id=run_id, trigger=trigger, now=now or utcnow()
+    )
+
+
+def verify(
+    engine: Engine, snapshot: BillingSnapshot, decision: Decision, *, now: datetime | None = None
+) -> pd.DataFrame:
+    """Re-read the rows this run found wrong; return the corrections still due.
+
+    A row changed after the billing data was read is not counted: this
+    run's data is too old to judge it.
+    """
+    fixable = decision.mismatches[decision.mismatches["kind"].isin(rules.WRITABLE_KINDS)]
+    ids = list(fixable["instance_id"])
+    if not ids:
+        return rules._empty(CORRECTION_COLUMNS)
+    state = AppState(
+        plans=appdb.load_plans(engine),
+        instances=appdb.read_instances(engine, ids),
+        total_instances=decision.total_instances,
+    )
+    records = snapshot.records[snapshot.records["instance_id"].isin(ids)]
+    again = rules.decide(
+        plans=state.plans,
+        instances=state.instances,
+        records=records,
+        invalid=snapshot.invalid.iloc[0:0],
+        absent_basis_at=snapshot.started_at,
+        now=now or utcnow(),
+        total_instances=state.total_instances,
+        scope="targeted",
+    )
+    return again.corrections
+
+
+# --- reporting ---------------------------------------------------------------
+
+
+def build_report(
+    *,
+    run_id: str,
+    trigger: str,
+    options: SyncOptions,
+    snapshot: BillingSnapshot,
+    state: AppState,
+    decision: Decision,
+    result: appdb.ApplyResult | None,
+) -> SyncReport:
+    """Assemble the report of a run from its stages' outputs."""
+    requested = snapshot.requested_ids
+    unknown: list[str] = []
+    if requested is not None:
+        have = set(state.instances["instance_id"])
+        unknown = [i for i in requested if i not in have]
+    return SyncReport(
+        run_id=run_id,
+        trigger=trigger,
+        scope=decision.scope,
+        dry_run=options.dry_run,
+        forced=decision.guardrails.force,
+        total_instances=state.total_instances,
+        billing_records=int(len(snapshot.records) + len(snapshot.invalid)),
+        counts=dict(decision.counts),
+        mismatches=decision.mismatches,
+        planned=int(len(decision.corrections)),
+        applied=result.applied if result is not None else rules._empty(CORRECTION_COLUMNS),
+        skipped_conflict=int(len(result.skipped)) if result is not None else 0,
+        skipped_stale=int(len(decision.stale)),
+        refused=decision.refusal,
+        unknown_instance_ids=unknown,
+    )
+
+
+def log_outcome(report: SyncReport, log: Log, *, log_limit: int = 1000) -> None:
+    """The operator log lines of a finished run (SPEC vocabulary)."""
+    if report.dry_run:
+        log.info(
+            "[CreditSync] Dry run: %d mismatch(es) found, would sync credits for %d instance(s); nothing written%s",
+            report.mismatch_count,
+            report.planned,
+            f" (a real run would be refused: {report.refused})" if report.refused else "",
+        )
+        return
+    if report.refused:
+        log.error("[CreditSync] Error running credit sync task: refused: %s", report.refused)
+        return
+    for row in report.applied.head(log_limit).itertuples(index=False):
+        log.info(
+            "Synced credits for instance %s: %s → %s",
+            row.instance_id,
+            row.old_credits_total,
+            row.new_credits_total,
+        )
+    if report.applied_count > log_limit:
+        log.info("... and %d more instance(s); every change is in credit_sync_audit", report.applied_count - log_limit)
+    if report.applied_count:
+        log.info("[CreditSync] Successfully synced credits for %d instance(s)", report.applied_count)
+    elif report.mismatch_count == 0:
+        log.info("[CreditSync] All instances already have correct credits")
+    if report.skipped_conflict or report.skipped_stale:
+        log.warning(
+            "[CreditSync] Skipped %d instance(s) changed during the run (%d by compare-and-set, %d newer than billing data); "
+            "the next run re-checks them",
+            report.skipped_conflict + report.skipped_stale,
+            report.skipped_conflict,
+            report.skipped_stale,
+        )
+    unwritable = {k: v for k, v in report.counts.items() if k not in rules.WRITABLE_KINDS and v}
+    if unwritable:
+        log.warning(
+            "[CreditSync] %d mismatch(es) need a person (never written): %s",
+            sum(unwritable.values()),
+            ", ".join(f"{k}={v}" for k, v in unwritable.items()),
+        )
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str) -> "_Stage":
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, timer: _Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.timings[self.name] = time.perf_counter() - self.t0
+
+
+# --- whole runs --------------------------------------------------------------
+
+
+def _run(
+    engine: Engine,
+    fetch: Callable[[], BillingSnapshot],
+    read: Callable[[], AppState],
+    *,
+    trigger: str,
+    run_id: str | None,
+    options: SyncOptions,
+    log: Log | None,
+    clock: Callable[[], datetime],
+) -> SyncReport:
+    log = log or logger
+    run_id = run_id or new_run_id()
+    timer = _Timer()
+    log.info("[CreditSync] Running credit sync task...")
+    with reporting_errors(log):
+        with timer.stage("fetch"):
+            snapshot = fetch()
+        with timer.stage("read"):
+            state = read()
+        with timer.stage("diff"):
+            decision = decide(snapshot, state, options=options, now=clock())
+        with timer.stage("write"):
+            result = apply(engine, decision, run_id=run_id, trigger=trigger, options=options, now=clock())
+        report = build_report(
+            run_id=run_id, trigger=trigger, options=options, snapshot=snapshot,
+            state=state, decision=decision, result=result,
+        )
+        with timer.stage("verify"):
+            report.remaining = verify(engine, snapshot, decision, now=clock())
+    report.timings = timer.timings
+    report.timings["total"] = sum(timer.timings.values())
+    log_outcome(report, log, log_limit=options.log_limit)
+    return report
+
+
+def run_full_sync(
+    engine: Engine,
+    billing: BillingClient,
+    *,
+    trigger: str = "manual",
+    run_id: str | None = None,
+    options: SyncOptions = SyncOptions(),
+    log: Log | None = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> SyncReport:
+    """Reconcile every instance against the complete billing list."""
+    return _run(
+        engine,
+        lambda: fetch_billing(billing),
+        lambda: read_state(engine),
+        trigger=trigger, run_id=run_id, options=options, log=log, clock=clock,
+    )
+
+
+def run_targeted_sync(
+    engine: Engine,
+    billing: BillingClient,
+    instance_ids: Iterable[str],
+    *,
+    trigger: str = "manual",
+    run_id: str | None = None,
+    options: SyncOptions = SyncOptions(),
+    log: Log | None = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> SyncReport:
+    """Reconcile the named instances, each fetched on its own from billing."""
+    ids = list(dict.fromkeys(instance_ids))
+    return _run(
+        engine,
+        lambda: fetch_billing_for(billing, ids),
+        lambda: read_state(engine, ids),
+        trigger=trigger, run_id=run_id, options=options, log=log, clock=clock,
+    )
+
+
+@contextmanager
+def reporting_errors(log: Log | None = None) -> Iterator[None]:
+    """Log any failure as the operators' one error line, then re-raise."""
+    try:
+        yield
+    except Exception as exc:
+        (log or logger).error("[CreditSync] Error running credit sync task: %s", one_line(exc))
+        raise
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type where the message is empty."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

@@ -1,0 +1,242 @@
+"""End to end: the ``creditsync`` CLI over real HTTP against the simulator.
+
+Runs on SQLite and PostgreSQL (``db_url`` fixture). Every fault the billing
+API can throw is injected; the end state of every instance and the audit
+rows are asserted exactly, and a failed run must leave the database
+byte-for-byte unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from creditsync_pipeline import cli
+from creditsync_pipeline.simulator import BillingSimulator
+
+from .helpers import TOKEN, audit_rows, dump_tables, end_state, seeded
+
+
+@pytest.fixture
+def sim():
+    with BillingSimulator(token=TOKEN) as s:
+        yield s
+
+
+@pytest.fixture
+def world(db_url, sim, monkeypatch):
+    """A seeded app DB, the simulator serving its billing data, env pointing at both."""
+    data = seeded(db_url)
+    sim.set_records(data.records)
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("BILLING_API_URL", sim.base_url)
+    monkeypatch.setenv("BILLING_API_TOKEN", TOKEN)
+    monkeypatch.setenv("BILLING_API_PAGE_SIZE", "25")  # 77 records -> 4 pages
+    monkeypatch.setenv("BILLING_API_MAX_ATTEMPTS", "4")
+    return data
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    assert TOKEN not in out and TOKEN not in err, "the billing token leaked into CLI output"
+    return code, out, err
+
+
+EXPECTED_COUNTS = {"wrong_plan": 12, "wrong_credits": 3, "unknown_plan": 1, "missing_instance": 1, "invalid_record": 0}
+
+
+def test_check_reports_every_kind_and_writes_nothing(world, db_url, capsys):
+    before = dump_tables(db_url)
+    code, out, _ = run_cli(capsys, "check", "--json")
+    assert code == 1
+    doc = json.loads(out)
+    assert doc["counts"] == EXPECTED_COUNTS
+    by_id = {m["instance_id"]: m for m in doc["mismatches"]}
+    assert by_id["abc123"] == {
+        "instance_id": "abc123",
+        "kind": "wrong_plan",
+        "current_plan_id": "free",
+        "expected_plan_id": "pro",
+        "current_credits_total": 100,
+        "expected_credits_total": 5000,
+    } | {k: by_id["abc123"][k] for k in by_id["abc123"] if k not in {
+        "instance_id", "kind", "current_plan_id", "expected_plan_id", "current_credits_total", "expected_credits_total"}}
+    assert by_id["deleted-site-9"]["kind"] == "missing_instance"
+    assert by_id["deleted-site-9"]["current_plan_id"] is None
+    assert dump_tables(db_url) == before
+
+
+def test_fix_reaches_the_exact_end_state_and_converges(world, db_url, capsys, caplog):
+    before = end_state(db_url)
+    code, out, err = run_cli(capsys, "fix")
+    assert code == 0, err
+    after = end_state(db_url)
+    for iid, (plan, credits) in world.expected.items():
+        assert after[iid][:2] == (plan, credits), iid
+        assert after[iid][2] == before[iid][2], "credits_used must never change"
+    # the unknown-plan instance is left exactly as it was
+    unknown = next(i["instance_id"] for i in world.instances if i["instance_id"] not in world.expected)
+    assert after[unknown] == before[unknown]
+
+    audit = audit_rows(db_url)
+    assert len(audit) == 15
+    assert set(audit["trigger"]) == {"manual"} and audit["run_id"].nunique() == 1
+    row = audit.set_index("instance_id").loc["abc123"]
+    assert (row["old_plan_id"], row["new_plan_id"], row["old_credits_total"], row["new_credits_total"]) == ("free", "pro", 100, 5000)
+    changed = {i for i in before if before[i][:2] != after[i][:2]}
+    assert changed == set(audit["instance_id"])
+
+    logs = caplog.text
+    assert "[CreditSync] Running credit sync task..." in logs
+    assert "Synced credits for instance abc123: 100 → 5000" in logs
+    assert "[CreditSync] Successfully synced credits for 15 instance(s)" in logs
+    assert TOKEN not in logs
+
+    # a second run right after converges: nothing left to correct
+    caplog.clear()
+    code, out, _ = run_cli(capsys, "fix", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["planned"] == 0 and doc["applied"] == 0
+    assert {m["kind"] for m in doc["mismatches"]} == {"unknown_plan", "missing_instance"}
+    assert len(audit_rows(db_url)) == 15
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        dict(kind="rate_limit", endpoint="list", after=1, count=2, retry_after=1),
+        dict(kind="error", endpoint="list", after=2, count=2),
+        dict(kind="drop", endpoint="list", after=1, count=1),
+        dict(kind="slow", endpoint="list", after=1, count=1, delay=2.0),
+    ],
+    ids=["429-retry-after", "500-twice", "dropped-connection", "slow-page"],
+)
+def test_transient_faults_are_retried_and_the_fix_completes(world, db_url, sim, fault, capsys, monkeypatch):
+    monkeypatch.setenv("BILLING_API_TIMEOUT", "0.5")
+    sim.add_fault(**fault)
+    code, _, err = run_cli(capsys, "fix")
+    assert code == 0, err
+    after = end_state(db_url)
+    assert {i: after[i][:2] for i in world.expected} == world.expected
+    assert len(audit_rows(db_url)) == 15
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        (dict(kind="error", endpoint="list", after=2, count=None), "unavailable"),
+        (dict(kind="malformed", endpoint="list", after=2, count=1), "malformed"),
+        (dict(kind="bad_shape", endpoint="list", after=1, count=1), "malformed"),
+        (dict(kind="drop", endpoint="list", after=1, count=None), "unavailable"),
+    ],
+    ids=["persistent-500-mid-list", "html-page", "wrong-shape", "always-dropped"],
+)
+def test_incomplete_or_malformed_list_changes_nothing(world, db_url, sim, fault, message, capsys):
+    before = dump_tables(db_url)
+    sim.add_fault(**fault)
+    code, out, err = run_cli(capsys, "fix")
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.startswith("creditsync:")]
+    assert len(lines) == 1 and message in lines[0].lower(), err
+    assert "Traceback" not in err
+    assert dump_tables(db_url) == before
+
+
+def test_bad_token_is_one_line_and_leaks_nothing(world, db_url, capsys, monkeypatch):
+    before = dump_tables(db_url)
+    monkeypatch.setenv("BILLING_API_TOKEN", "wrong-" + TOKEN)
+    code = cli.main(["fix"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "rejected the token" in err
+    assert TOKEN not in out + err
+    assert dump_tables(db_url) == before
+
+
+def test_record_without_instance_id_fails_the_run(world, db_url, sim, capsys):
+    before = dump_tables(db_url)
+    sim.upsert({"instance_id": "", "plan_id": "pro", "status": "active", "current_period_end": None,
+                "updated_at": "2026-11-01T00:00:00Z"})
+    code, _, err = run_cli(capsys, "fix")
+    assert code == 2 and "instance_id" in err
+    assert dump_tables(db_url) == before
+
+
+def test_invalid_record_is_reported_and_left_alone(world, db_url, sim, capsys):
+    sim.upsert({"instance_id": "abc123", "plan_id": "pro", "status": "paused", "current_period_end": None,
+                "updated_at": "2026-11-01T00:00:00Z"})
+    code, out, _ = run_cli(capsys, "fix", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["counts"]["invalid_record"] == 1
+    assert end_state(db_url)["abc123"][:2] == ("free", 100)
+
+
+def test_empty_billing_list_refuses_unless_forced(world, db_url, sim, capsys):
+    sim.set_records([])
+    before = dump_tables(db_url)
+    code, _, err = run_cli(capsys, "fix")
+    assert code == 3 and "empty subscription list" in err
+    assert dump_tables(db_url) == before
+    code, _, _ = run_cli(capsys, "fix", "--force")
+    assert code == 0
+    assert {p for p, _, _ in end_state(db_url).values()} == {"free"}
+
+
+def test_mass_change_guard(world, db_url, sim, capsys):
+    # billing suddenly says 40 paying instances expired: 27% > 10%
+    paying = [r for r in world.records if r["status"] == "active" and r["instance_id"] in world.expected][:40]
+    for r in paying:
+        sim.upsert({**r, "status": "expired", "current_period_end": None})
+    before = dump_tables(db_url)
+    code, _, err = run_cli(capsys, "fix")
+    assert code == 3 and "max_change_ratio" in err
+    assert dump_tables(db_url) == before
+
+
+def test_dry_run_and_targeted_fix(world, db_url, capsys):
+    before = dump_tables(db_url)
+    state_before = end_state(db_url)
+    code, out, _ = run_cli(capsys, "fix", "--dry-run")
+    assert code == 0 and "planned=15" in out and "applied=0" in out
+    assert dump_tables(db_url) == before
+
+    code, out, _ = run_cli(capsys, "fix", "--instance", "abc123", "--json")
+    assert code == 0
+    assert json.loads(out)["applied"] == 1
+    after = end_state(db_url)
+    assert after["abc123"][:2] == ("pro", 5000)
+    assert [i for i in after if after[i] != state_before[i]] == ["abc123"]
+    audit = audit_rows(db_url)
+    assert list(audit["instance_id"]) == ["abc123"]
+    code, out, _ = run_cli(capsys, "check", "--instance", "abc123")
+    assert code == 0 and "No mismatches" in out
+
+
+def test_console_script_end_to_end(world, db_url):
+    """The installed entry point, as an operator runs it (a real subprocess)."""
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-m", "creditsync_pipeline.cli", "check", "--json"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout)["counts"]["wrong_plan"] == 12
+    assert TOKEN not in proc.stdout + proc.stderr
+
+
+def test_unreachable_database_is_one_line(monkeypatch, capsys, sim):
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg2://app:hunter2pass@127.0.0.1:1/app")
+    monkeypatch.setenv("BILLING_API_URL", sim.base_url)
+    monkeypatch.setenv("BILLING_API_TOKEN", TOKEN)
+    code = cli.main(["check"])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert "hunter2pass" not in err and "Traceback" not in err
+    assert err.strip().startswith("creditsync: error:")
