@@ -609,6 +609,34 @@ def upsert_plans(engine: Engine, rows: Iterable[Mapping[str, Any]]) -> None:
 # -------------------------------------------------------------- apply corrections
 
 
+def land_webhook_event(
+    engine: Engine,
+    *,
+    event_id: str,
+    event_type: str,
+    instance_id: str | None,
+    payload: str | None,
+) -> bool:
+    """Land one billing webhook as a ``billing_webhook_events`` row, idempotently.
+
+    Returns ``True`` when the row was inserted and committed, ``False`` when a
+    row with that ``event_id`` already existed (nothing changed).
+    """
+    values = {
+        "event_id": event_id,
+        "event_type": event_type,
+        "instance_id": instance_id,
+        "payload": payload,
+    }
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    stmt = dialect_insert(billing_webhook_events).values(values).on_conflict_do_nothing(index_elements=["event_id"])
+    with _errors(engine, "landing a webhook event"), _write_transaction(engine) as conn:
+        return conn.execute(stmt).rowcount == 1
+
+
 @dataclass(frozen=True)
 class ApplyResult:
     """Outcome of :func:`apply_corrections`: the rows written and the rows skipped."""
