@@ -161,6 +161,8 @@ def start_simulator(records_file: Path, port: int, env: dict[str, str]) -> tuple
 
 def main(port: int = 3000, ui: bool = True, root: Path | None = None) -> int:
     """Seed, serve billing, run the first sync, then run the Dagster UI."""
+    # SIGTERM (a service manager, `timeout`) stops the children as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(root or os.environ.get("CREDITSYNC_DEMO_DIR") or Path.cwd() / ".demo").resolve()
     if root.exists():
         shutil.rmtree(root)
@@ -212,16 +214,20 @@ def main(port: int = 3000, ui: bool = True, root: Path | None = None) -> int:
         )
         try:
             return dev.wait()
-        except KeyboardInterrupt:
-            dev.send_signal(signal.SIGINT)
-            try:
-                dev.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                dev.kill()
+        except (KeyboardInterrupt, SystemExit):
+            _stop(dev, signal.SIGINT, grace=30)
             return 0
     finally:
-        sim.terminate()
-        try:
-            sim.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            sim.kill()
+        _stop(sim, signal.SIGTERM, grace=10)
+
+
+def _stop(proc: subprocess.Popen, sig: int, grace: float) -> None:
+    """Ask a child to stop, then insist."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
