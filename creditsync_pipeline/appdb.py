@@ -324,6 +324,10 @@ def create_engine_from_url(url: str) -> Engine:
         parsed = make_url(url)
     except Exception:
         raise AppDatabaseError(f"invalid database URL ({redact_url(url)})") from None
+    if parsed.drivername in ("postgres", "postgresql"):
+        # psycopg2 is what we ship; SQLAlchemy 2.1 would pick psycopg 3 for a
+        # bare postgresql:// URL (and "postgres://" is a common Heroku-style alias).
+        parsed = parsed.set(drivername="postgresql+psycopg2")
     try:
         if parsed.get_backend_name() == "sqlite":
             engine = create_engine(parsed)

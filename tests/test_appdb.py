@@ -612,3 +612,15 @@ def test_land_webhook_event_is_idempotent_on_event_id(engine):
         ("evt_1", "a/b", "subscription.updated", None),
         ("evt_2", None, "subscription.updated", None),
     ]
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_bare_postgres_urls_use_the_shipped_driver(pg_url, scheme):
+    bare = "postgresql://" + pg_url.split("://", 1)[1]
+    bare = bare.replace("postgresql://", f"{scheme}://", 1)
+    engine = create_engine_from_url(bare)
+    try:
+        assert engine.dialect.driver == "psycopg2"
+        appdb.check_connection(engine)
+    finally:
+        engine.dispose()
