@@ -129,6 +129,17 @@ def cmd_init_db(args: argparse.Namespace, cfg: settings.Settings) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace, cfg: settings.Settings) -> int:
+    from .server.app import ServeError, serve
+
+    try:
+        serve(cfg, host=args.host, port=args.port)
+    except ServeError as exc:
+        print(f"creditsync: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, cfg: settings.Settings) -> int:
     from . import demo
 
@@ -157,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init-db", help="apply sql/ to DATABASE_URL (idempotent)")
     init.set_defaults(func=cmd_init_db)
+
+    serve = sub.add_parser("serve", help="run the manual-sync (\"Sync credits\") and webhook HTTP app")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="seed a SQLite app DB, start the billing simulator and the Dagster UI")
     demo.add_argument("--port", type=int, default=3000, help="Dagster UI port (default 3000)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 DEFAULT_DATABASE_URL = "sqlite:///creditsync.db"
 DEFAULT_BILLING_API_URL = "http://127.0.0.1:8765"
 DEFAULT_MAX_CHANGE_RATIO = 0.10
+DEFAULT_SYNC_RATE_LIMIT = 3  # manual syncs per instance per minute (``creditsync serve``)
 
 
 class SettingsError(Exception):
@@ -33,6 +34,8 @@ class Settings:
     billing_api_url: str = DEFAULT_BILLING_API_URL
     billing_api_token: Secret = field(default=Secret(""), repr=False)
     app_secret: Secret = field(default=Secret(""), repr=False)
+    webhook_secret: Secret = field(default=Secret(""), repr=False)
+    sync_rate_limit: int = DEFAULT_SYNC_RATE_LIMIT
     max_change_ratio: float = DEFAULT_MAX_CHANGE_RATIO
     billing_timeout: float = 30.0
     billing_max_attempts: int = 5
@@ -70,11 +73,16 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
     ratio = _float(env, "CREDITSYNC_MAX_CHANGE_RATIO", DEFAULT_MAX_CHANGE_RATIO)
     if not 0.0 <= ratio <= 1.0:
         raise SettingsError(f"CREDITSYNC_MAX_CHANGE_RATIO must be between 0 and 1, got {ratio}")
+    rate_limit = _int(env, "CREDITSYNC_SYNC_RATE_LIMIT", DEFAULT_SYNC_RATE_LIMIT)
+    if rate_limit < 1:
+        raise SettingsError(f"CREDITSYNC_SYNC_RATE_LIMIT must be at least 1, got {rate_limit}")
     return Settings(
         database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
         billing_api_url=env.get("BILLING_API_URL") or DEFAULT_BILLING_API_URL,
         billing_api_token=Secret(env.get("BILLING_API_TOKEN", "")),
         app_secret=Secret(env.get("CREDITSYNC_APP_SECRET", "")),
+        webhook_secret=Secret(env.get("CREDITSYNC_WEBHOOK_SECRET", "")),
+        sync_rate_limit=rate_limit,
         max_change_ratio=ratio,
         billing_timeout=_float(env, "BILLING_API_TIMEOUT", 30.0),
         billing_max_attempts=_int(env, "BILLING_API_MAX_ATTEMPTS", 5),
