@@ -641,6 +641,158 @@ def land_webhook_event(
         return conn.execute(stmt).rowcount == 1
 
 
+# ------------------------------------------- real-time nets: webhook rows, new instances
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    """One ``billing_webhook_events`` row as the real-time nets read it."""
+
+    id: int
+    event_id: str
+    instance_id: str | None
+    event_type: str
+    payload: str | None
+    attempts: int
+    processed_at: datetime | None
+    outcome: str | None
+    #: an earlier row (smaller ``id``) carries the same ``event_id``
+    duplicate: bool
+
+
+def _webhook_select() -> Any:
+    e = billing_webhook_events
+    earlier = e.alias("earlier")
+    duplicate = select(earlier.c.id).where(earlier.c.event_id == e.c.event_id, earlier.c.id < e.c.id).exists()
+    return select(
+        e.c.id, e.c.event_id, e.c.instance_id, e.c.event_type, e.c.payload,
+        e.c.attempts, e.c.processed_at, e.c.outcome, duplicate.label("duplicate"),
+    )
+
+
+def _webhook_event(row: Any) -> WebhookEvent:
+    return WebhookEvent(
+        id=int(row.id),
+        event_id=row.event_id,
+        instance_id=row.instance_id,
+        event_type=row.event_type,
+        payload=row.payload,
+        attempts=int(row.attempts or 0),
+        processed_at=row.processed_at,
+        outcome=row.outcome,
+        duplicate=bool(row.duplicate),
+    )
+
+
+def unprocessed_webhook_events(
+    engine: Engine,
+    *,
+    after_id: int | None = None,
+    upto_id: int | None = None,
+    max_attempts: int | None = None,
+    skip_outcomes: Sequence[str] = (),
+    limit: int = 1000,
+) -> list[WebhookEvent]:
+    """Rows with ``processed_at`` null, lowest ``id`` first.
+
+    Optionally only ``after_id < id <= upto_id``, rows with fewer than
+    ``max_attempts`` attempts and rows whose outcome is not one of
+    ``skip_outcomes``; at most ``limit`` rows.
+    """
+    e = billing_webhook_events
+    stmt = _webhook_select().where(e.c.processed_at.is_(None))
+    if after_id is not None:
+        stmt = stmt.where(e.c.id > int(after_id))
+    if upto_id is not None:
+        stmt = stmt.where(e.c.id <= int(upto_id))
+    if max_attempts is not None:
+        stmt = stmt.where(e.c.attempts < int(max_attempts))
+    if skip_outcomes:
+        stmt = stmt.where(or_(e.c.outcome.is_(None), e.c.outcome.not_in(list(skip_outcomes))))
+    stmt = stmt.order_by(e.c.id).limit(max(0, int(limit)))
+    with _errors(engine, "reading webhook events"), engine.connect() as conn:
+        return [_webhook_event(row) for row in conn.execute(stmt)]
+
+
+def webhook_events_by_id(engine: Engine, ids: Iterable[int]) -> list[WebhookEvent]:
+    """The named ``billing_webhook_events`` rows (processed or not), by ``id``."""
+    e = billing_webhook_events
+    wanted = sorted({int(i) for i in ids})
+    rows: list[Any] = []
+    with _errors(engine, "reading webhook events"), engine.connect() as conn:
+        for chunk in _chunks(wanted, READ_CHUNK_SIZE):
+            rows.extend(conn.execute(_webhook_select().where(e.c.id.in_(chunk)).order_by(e.c.id)))
+    return [_webhook_event(row) for row in rows]
+
+
+def claim_webhook_events(engine: Engine, ids: Iterable[int]) -> list[WebhookEvent]:
+    """Count one attempt on each named row that is still unprocessed; return those rows.
+
+    The returned rows carry ``attempts`` after the increment. Rows already
+    processed (or absent) are left alone and not returned.
+    """
+    e = billing_webhook_events
+    wanted = sorted({int(i) for i in ids})
+    claimed: list[int] = []
+    rows: list[Any] = []
+    with _errors(engine, "claiming webhook events"), _write_transaction(engine) as conn:
+        for chunk in _chunks(wanted, READ_CHUNK_SIZE):
+            stmt = (
+                update(e)
+                .where(e.c.id.in_(chunk), e.c.processed_at.is_(None))
+                .values(attempts=e.c.attempts + 1)
+                .returning(e.c.id)
+            )
+            claimed.extend(int(i) for i in conn.execute(stmt).scalars())
+        for chunk in _chunks(sorted(claimed), READ_CHUNK_SIZE):
+            rows.extend(conn.execute(_webhook_select().where(e.c.id.in_(chunk)).order_by(e.c.id)))
+    return [_webhook_event(row) for row in rows]
+
+
+def mark_webhook_events(
+    engine: Engine,
+    outcomes: Mapping[int, str],
+    *,
+    processed: bool = True,
+    now: datetime | None = None,
+) -> int:
+    """Record an ``outcome`` on rows still unprocessed; return how many rows changed.
+
+    With ``processed`` (the default) ``processed_at`` is set too (``now``, or the
+    current time); without it only ``outcome`` is written (a failed attempt).
+    """
+    e = billing_webhook_events
+    by_outcome: dict[str, list[int]] = {}
+    for row_id, outcome in outcomes.items():
+        by_outcome.setdefault(str(outcome), []).append(int(row_id))
+    stamp = _to_utc_datetime(now) or datetime.now(timezone.utc)
+    changed = 0
+    with _errors(engine, "marking webhook events"), _write_transaction(engine) as conn:
+        for outcome, row_ids in by_outcome.items():
+            values: dict[str, Any] = {"outcome": outcome}
+            if processed:
+                values["processed_at"] = stamp
+            for chunk in _chunks(sorted(row_ids), READ_CHUNK_SIZE):
+                stmt = update(e).where(e.c.id.in_(chunk), e.c.processed_at.is_(None)).values(**values)
+                changed += int(conn.execute(stmt).rowcount or 0)
+    return changed
+
+
+def instances_created_since(
+    engine: Engine, since: datetime, *, limit: int | None = None
+) -> list[tuple[str, datetime]]:
+    """``(instance_id, created_at)`` of the rows created at or after ``since``, oldest first."""
+    stmt = (
+        select(instances.c.instance_id, instances.c.created_at)
+        .where(instances.c.created_at >= _to_utc_datetime(since))
+        .order_by(instances.c.created_at, instances.c.instance_id)
+    )
+    if limit is not None:
+        stmt = stmt.limit(max(0, int(limit)))
+    with _errors(engine, "reading new instances"), engine.connect() as conn:
+        return [(str(row.instance_id), row.created_at) for row in conn.execute(stmt)]
+
+
 @dataclass(frozen=True)
 class ApplyResult:
     """Outcome of :func:`apply_corrections`: the rows written and the rows skipped."""

@@ -1,10 +1,22 @@
-"""Jobs: the full reconciliation (all four assets and their checks)."""
+"""Jobs: the full reconciliation (all four assets and their checks) and the targeted sync."""
 
-from __future__ import annotations
+from dagster import (
+    AssetSelection,
+    Config,
+    Failure,
+    MetadataValue,
+    OpExecutionContext,
+    Output,
+    define_asset_job,
+    in_process_executor,
+    job,
+    op,
+)
+from pydantic import Field
 
-from dagster import AssetSelection, define_asset_job, in_process_executor
-
-from .assets import GROUP
+from .. import realtime
+from .assets import GROUP, TRIGGER_TAG
+from .resources import AppDatabaseResource, BillingApiResource
 
 #: Tag every creditsync run carries; dagster.yaml limits concurrent runs on it.
 SYNC_TAG = "creditsync/sync"
@@ -17,3 +29,81 @@ credit_sync_job = define_asset_job(
     executor_def=in_process_executor,
     tags={SYNC_TAG: "full"},
 )
+
+
+class TargetedSyncConfig(Config):
+    """Which instances a targeted run syncs (the sensors fill this in; so can a person)."""
+
+    instance_ids: list[str] = Field(
+        default_factory=list,
+        description="Instances to sync; each is fetched with GET /v1/subscriptions/{id} (404 = no subscription)",
+    )
+    trigger: str = Field(
+        default="",
+        description="Audit trigger: manual, webhook or provisioning (default: the run's creditsync/trigger tag, else manual)",
+    )
+    webhook_event_ids: list[int] = Field(
+        default_factory=list,
+        description="billing_webhook_events.id rows this run settles (set by billing_webhook_sensor); "
+        "their instances are synced too",
+    )
+
+
+@op(
+    name="sync_instances",
+    description="Targeted sync of the named instances (same rules, compare-and-set writes and audit as the full sync); "
+    "marks the webhook rows it settles.",
+)
+def sync_instances_op(
+    context: OpExecutionContext,
+    config: TargetedSyncConfig,
+    app_db: AppDatabaseResource,
+    billing: BillingApiResource,
+) -> Output[dict]:
+    trigger = config.trigger or context.run.tags.get(TRIGGER_TAG) or "manual"
+    if trigger not in realtime.TARGETED_TRIGGERS:
+        raise Failure(description=f"[CreditSync] unknown trigger {trigger!r}; expected one of {', '.join(realtime.TARGETED_TRIGGERS)}")
+    if not config.instance_ids and not config.webhook_event_ids:
+        raise Failure(description="[CreditSync] nothing to sync: set ops.sync_instances.config.instance_ids")
+    engine = app_db.get_engine()
+    with billing.get_client() as client:
+        result = realtime.run_batch(
+            engine,
+            client,
+            instance_ids=config.instance_ids,
+            webhook_event_ids=config.webhook_event_ids,
+            trigger=trigger,
+            run_id=context.run.run_id,
+            log=context.log,
+        )
+    outcomes: dict[str, int] = {}
+    for outcome in result.instances.outcomes.values():
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    metadata = {
+        "trigger": MetadataValue.text(trigger),
+        "instances": MetadataValue.int(len(result.instances.outcomes) + len(result.instances.errors)),
+        "applied": MetadataValue.int(result.instances.applied),
+        "instance_outcomes": MetadataValue.json(outcomes),
+        "not_synced": MetadataValue.int(len(result.instances.errors) + len(result.invalid_ids)),
+        "webhook_rows": MetadataValue.json(result.counts()),
+        "webhook_rows_already_processed": MetadataValue.int(len(result.already_processed)),
+    }
+    if result.failed:
+        summary = result.failure_summary()
+        context.log.error("[CreditSync] Error running credit sync task: %s", summary)
+        raise Failure(description=f"[CreditSync] {summary}", metadata=metadata)
+    return Output(
+        {"outcomes": dict(result.instances.outcomes), "webhook_rows": {str(k): v for k, v in result.rows.items()}},
+        metadata=metadata,
+    )
+
+
+# In-process as well: one step; latency matters more than isolation here.
+@job(
+    name="instance_credit_sync_job",
+    description="Targeted sync of chosen instances (config instance_ids): the webhook, provisioning and manual nets.",
+    executor_def=in_process_executor,
+    tags={SYNC_TAG: "targeted"},
+)
+def instance_credit_sync_job() -> None:
+    sync_instances_op()

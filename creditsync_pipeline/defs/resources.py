@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
+import httpx
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 from sqlalchemy.engine import Engine
@@ -53,6 +56,40 @@ class BillingApiResource(ConfigurableResource):
             client.close()
 
 
+class AlertWebhookResource(ConfigurableResource):
+    """Where run-failure alerts are posted: the URL in the environment variable ``url_env``.
+
+    The URL is read when an alert is sent and never shown or logged (chat
+    webhook URLs are secrets); unset means "log only".
+    """
+
+    url_env: str = Field(default="CREDITSYNC_ALERT_WEBHOOK_URL", description="Environment variable holding the alert webhook URL")
+    timeout: float = 5.0
+    attempts: int = 2
+
+    def configured(self) -> bool:
+        return bool(os.environ.get(self.url_env, "").strip())
+
+    def post(self, payload: Mapping[str, Any]) -> str | None:
+        """POST ``payload`` as JSON; ``None`` on a 2xx, else a one-line reason (no URL in it)."""
+        url = os.environ.get(self.url_env, "").strip()
+        if not url:
+            return "no alert webhook configured"
+        reason = "not sent"
+        for _ in range(max(1, self.attempts)):
+            try:
+                response = httpx.post(url, json=dict(payload), timeout=self.timeout)
+            except httpx.HTTPError as exc:
+                reason = f"alert webhook unreachable ({type(exc).__name__})"
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bad URL must not break the sensor
+                return f"alert webhook not usable ({type(exc).__name__})"
+            if 200 <= response.status_code < 300:
+                return None
+            reason = f"alert webhook answered HTTP {response.status_code}"
+        return reason
+
+
 def resources_from_env() -> dict[str, ConfigurableResource]:
     """Production wiring: every value comes from an environment variable.
 
@@ -65,4 +102,5 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
             base_url=EnvVar("BILLING_API_URL"),
             token=EnvVar("BILLING_API_TOKEN"),
         ),
+        "alert_webhook": AlertWebhookResource(),
     }
