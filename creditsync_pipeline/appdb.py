@@ -7,6 +7,7 @@ with a one-line message that never contains a password.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections import Counter
@@ -18,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import (
     BigInteger,
@@ -75,6 +77,8 @@ __all__ = [
 APPLY_BATCH_SIZE = 50_000
 #: Maximum number of ids bound into one ``IN (...)`` list.
 READ_CHUNK_SIZE = 500
+#: Ids per ``COPY ... WHERE instance_id = ANY(...)`` on PostgreSQL.
+COPY_READ_CHUNK_SIZE = 100_000
 #: Rows per executemany in the insert helpers.
 INSERT_CHUNK_SIZE = 10_000
 
@@ -222,13 +226,15 @@ credit_sync_audit = Table(
 Index("ix_credit_sync_audit_instance_id", credit_sync_audit.c.instance_id)
 Index("ix_credit_sync_audit_run_id", credit_sync_audit.c.run_id)
 
-# Per-connection scratch tables used by apply_corrections (never in `metadata`).
+# Per-connection scratch tables used by apply_corrections (never in `metadata`). No
+# indexes: ids are unique by validation, every join probes the indexed ``instances`` or
+# hashes the scratch side, and an index would double the cost of each bulk load.
 _scratch = MetaData()
 _tmp_corrections = Table(
     "creditsync_tmp_corrections",
     _scratch,
     Column("seq", Integer, nullable=False),
-    Column("instance_id", Text, primary_key=True),
+    Column("instance_id", Text, nullable=False),
     Column("old_plan_id", Text),
     Column("new_plan_id", Text, nullable=False),
     Column("old_credits_total", Integer),
@@ -241,7 +247,7 @@ _tmp_corrections = Table(
 _tmp_applied = Table(
     "creditsync_tmp_applied",
     _scratch,
-    Column("instance_id", Text, primary_key=True),
+    Column("instance_id", Text, nullable=False),
     prefixes=["TEMPORARY"],
     postgresql_on_commit="DROP",
 )
@@ -507,26 +513,102 @@ def load_plans(engine: Engine) -> pd.DataFrame:
     return _frame(rows, _PLAN_SPEC)
 
 
-def read_instances(engine: Engine, instance_ids: Iterable[str] | None = None) -> pd.DataFrame:
+def read_instances(
+    engine: Engine, instance_ids: Iterable[str] | None = None, *, ordered: bool = True
+) -> pd.DataFrame:
     """Instances (all, or the named ones; unknown ids are absent from the result).
 
     Columns: ``instance_id``, ``plan_id`` (str), ``credits_total``, ``credits_used``
-    (int64), ``updated_at`` (datetime64[ns, UTC], NaT when null). Named ids are
-    read with bound parameters in chunks of at most ``READ_CHUNK_SIZE``.
+    (int64), ``updated_at`` (datetime64[ns, UTC], NaT when null); ordered by
+    ``instance_id`` unless ``ordered=False`` (the database's own order: a full
+    read then needs no sort).
+
+    On PostgreSQL (psycopg2) the rows are streamed with ``COPY ... TO STDOUT`` as
+    CSV and parsed by pandas' C reader (no Python object per row); named ids go
+    in ``= ANY(array)`` chunks of ``COPY_READ_CHUNK_SIZE``. Elsewhere named ids
+    are read with bound parameters in chunks of at most ``READ_CHUNK_SIZE``.
     """
     if isinstance(instance_ids, (str, bytes)):
         raise TypeError("instance_ids must be an iterable of ids, not a single string")
+    wanted = (
+        None if instance_ids is None
+        else sorted({
+            i if type(i) is str else str(i)
+            for i in instance_ids
+            if type(i) is str or (i is not None and not _isna(i))
+        })
+    )
     columns = [instances.c[name] for name in _INSTANCE_SPEC]
-    base = select(*columns).order_by(instances.c.instance_id)
+    base = select(*columns)
+    if ordered:
+        base = base.order_by(instances.c.instance_id)
     rows: list[Any] = []
     with _errors(engine, "reading instances"), engine.connect() as conn:
-        if instance_ids is None:
+        if _copy_capable(conn):
+            return _copy_instances_out(conn, wanted, ordered=ordered)
+        if wanted is None:
             rows = list(conn.execute(base))
         else:
-            wanted = sorted({str(i) for i in instance_ids if i is not None and not _isna(i)})
             for chunk in _chunks(wanted, READ_CHUNK_SIZE):
                 rows.extend(conn.execute(base.where(instances.c.instance_id.in_(chunk))))
     return _frame(rows, _INSTANCE_SPEC)
+
+
+def _copy_capable(conn: Connection) -> bool:
+    """Whether ``conn`` can stream COPY (PostgreSQL through psycopg2)."""
+    return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg2"
+
+
+_COPY_INSTANCES_SQL = (
+    "COPY (SELECT instance_id, plan_id, credits_total, credits_used, updated_at "
+    "FROM instances{where}{order}) TO STDOUT WITH (FORMAT csv)"
+)
+
+
+def _copy_instances_out(conn: Connection, wanted: list[str] | None, *, ordered: bool) -> pd.DataFrame:
+    """``read_instances`` on PostgreSQL: COPY the rows out as CSV, parse them in C."""
+    if wanted is not None and not wanted:
+        return _frame([], _INSTANCE_SPEC)
+    # ISO timestamps in UTC whatever the session's settings; LOCAL ends with the transaction.
+    conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'")
+    conn.exec_driver_sql("SET LOCAL DateStyle = 'ISO, YMD'")
+    dbapi = conn.connection.dbapi_connection
+    from psycopg2.extensions import encodings as pg_encodings
+
+    encoding = pg_encodings.get(dbapi.encoding, "utf_8")
+    order = " ORDER BY instance_id" if ordered else ""
+    sink = io.BytesIO()  # psycopg2 writes one row per call; a BytesIO keeps no object per row
+    cursor = dbapi.cursor()
+    try:
+        if wanted is None:
+            cursor.copy_expert(_COPY_INSTANCES_SQL.format(where="", order=order), sink)
+        else:
+            for chunk in _chunks(wanted, COPY_READ_CHUNK_SIZE):
+                # mogrify quotes every id into an ARRAY[...] literal (COPY takes no parameters).
+                where = cursor.mogrify(" WHERE instance_id = ANY(%s)", (chunk,)).decode(encoding)
+                cursor.copy_expert(_COPY_INSTANCES_SQL.format(where=where, order=order), sink)
+    finally:
+        cursor.close()
+    if not sink.tell():
+        return _frame([], _INSTANCE_SPEC)
+    sink.seek(0)
+    frame = pd.read_csv(
+        sink,
+        header=None,
+        names=list(_INSTANCE_SPEC),
+        dtype={"instance_id": "str", "plan_id": "str", "credits_total": "int64",
+               "credits_used": "int64", "updated_at": "str"},
+        # Only an unquoted empty field (NULL) of updated_at is missing; ids stay verbatim.
+        keep_default_na=False,
+        na_values={"updated_at": [""]},
+        encoding=encoding,
+        engine="c",
+    )
+    sink.close()
+    frame["updated_at"] = pd.to_datetime(frame["updated_at"], format="ISO8601", utc=True).astype(
+        "datetime64[ns, UTC]"
+    )
+    return frame
 
 
 def count_instances(engine: Engine) -> int:
@@ -826,30 +908,31 @@ def apply_corrections(
     now_utc = _to_utc_datetime(now) if isinstance(now, datetime) else None
     if now_utc is None:
         raise AppDatabaseError("apply_corrections needs a datetime for `now`")
-    records = _correction_records(corrections)
+    columns = _correction_columns(corrections)
+    ids = columns["instance_id"]
 
     batch_size = max(1, int(APPLY_BATCH_SIZE))
     applied_ids: set[str] = set()
     try:
         with _write_transaction(engine) as conn:
             _create_scratch_tables(conn)
-            for start in range(0, len(records), batch_size):
-                batch = records[start : start + batch_size]
+            for start in range(0, len(ids), batch_size):
+                batch = {name: values[start : start + batch_size] for name, values in columns.items()}
                 applied = _apply_batch(conn, batch, run_id=run_id, trigger=trigger, now=now_utc)
                 applied_ids.update(applied)
             _drop_scratch_tables(conn)
     except Exception as exc:
         raise _wrap(engine, "applying corrections", exc, note=", nothing written") from exc
 
-    mask = pd.Series([r["instance_id"] for r in records]).isin(applied_ids).to_numpy()
+    mask = np.fromiter((i in applied_ids for i in ids), dtype=bool, count=len(ids))
     return ApplyResult(
         applied=corrections.loc[mask].reset_index(drop=True),
         skipped=corrections.loc[~mask].reset_index(drop=True),
     )
 
 
-def _correction_records(corrections: pd.DataFrame) -> list[dict[str, Any]]:
-    """Validate the corrections frame and turn it into bind-ready dicts."""
+def _correction_columns(corrections: pd.DataFrame) -> dict[str, list[Any]]:
+    """Validate the corrections frame and turn it into bind-ready columns (one list each)."""
     ids = _object_list(corrections["instance_id"])
     if any(i is None for i in ids):
         raise AppDatabaseError("corrections contain a row without instance_id")
@@ -866,22 +949,26 @@ def _correction_records(corrections: pd.DataFrame) -> list[dict[str, Any]]:
     old_credits = _int_list(corrections["old_credits_total"])
     reasons = _object_list(corrections["reason"])
     basis = _datetime_list(corrections["basis_at"])
-    return [
-        {
-            "seq": seq,
-            "instance_id": ids[seq],
-            "old_plan_id": None if old_plans[seq] is None else str(old_plans[seq]),
-            "new_plan_id": str(new_plans[seq]),
-            "old_credits_total": old_credits[seq],
-            "new_credits_total": new_credits[seq],
-            "reason": None if reasons[seq] is None else str(reasons[seq]),
-            "basis_at": basis[seq],
-        }
-        for seq in range(len(ids))
-    ]
+    return {
+        "seq": list(range(len(ids))),
+        "instance_id": ids,
+        "old_plan_id": [None if p is None else str(p) for p in old_plans],
+        "new_plan_id": [str(p) for p in new_plans],
+        "old_credits_total": old_credits,
+        "new_credits_total": new_credits,
+        "reason": [None if r is None else str(r) for r in reasons],
+        "basis_at": basis,
+    }
 
 
 def _create_scratch_tables(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        # SET LOCAL: this transaction only. A batch's hashes and sorts stay in memory, and
+        # the planner prices index probes as on SSD/cached storage, so a batch that is a
+        # small share of the table is joined through the primary key (one probe per
+        # correction) instead of hashing a scan of every instance.
+        conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
+        conn.exec_driver_sql("SET LOCAL random_page_cost = 1.1")
     _drop_scratch_tables(conn)
     _tmp_corrections.create(conn)
     _tmp_applied.create(conn)
@@ -894,54 +981,97 @@ def _drop_scratch_tables(conn: Connection) -> None:
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
 
 
-def _load_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Bulk-load rows into a scratch table (the one place a COPY path would go).
+def _load_rows(
+    conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
+) -> None:
+    """Bulk-load rows into a scratch table: a list of row dicts, or a mapping of columns.
 
     Values go through the columns' own bind processing (e.g. UTCDateTime), then
-    straight to the driver: psycopg2 ``execute_values`` on PostgreSQL, a plain
+    straight to the driver: ``COPY ... FROM STDIN`` on PostgreSQL (psycopg2), a plain
     DBAPI ``executemany`` on SQLite, SQLAlchemy's executemany elsewhere.
     """
-    if not rows:
+    if isinstance(rows, Mapping):
+        columns = {name: list(values) for name, values in rows.items()}
+    else:
+        columns = {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
+    names = list(columns)
+    if not names or not columns[names[0]]:
         return
     dialect = conn.dialect
     if dialect.name not in ("postgresql", "sqlite") or (
         dialect.name == "postgresql" and dialect.driver != "psycopg2"
     ):
-        conn.execute(insert(table), rows)
+        conn.execute(insert(table), [dict(zip(names, values)) for values in zip(*columns.values())])
         return
-    names = list(rows[0])
-    processors = [
-        table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
-    ]
-    columns = []
-    for name, process in zip(names, processors):
-        values = [row[name] for row in rows]
-        columns.append([process(v) for v in values] if process else values)
-    data = list(zip(*columns))
+    processed = []
+    for name in names:
+        process = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        processed.append(_processed(process, columns[name]) if process else columns[name])
     quote = dialect.identifier_preparer.quote
     target = f"{quote(table.name)} ({', '.join(quote(n) for n in names)})"
     if dialect.name == "sqlite":
         placeholders = ", ".join("?" for _ in names)
-        conn.exec_driver_sql(f"INSERT INTO {target} VALUES ({placeholders})", data)
+        conn.exec_driver_sql(f"INSERT INTO {target} VALUES ({placeholders})", list(zip(*processed)))
         return
-    from psycopg2.extras import execute_values
-
+    # COPY text format: tab-separated, \N for NULL, backslash escapes.
+    fields = [_copy_text_column(values) for values in processed]
+    body = io.StringIO("\n".join(map("\t".join, zip(*fields))) + "\n")
     cursor = conn.connection.dbapi_connection.cursor()
     try:
-        execute_values(cursor, f"INSERT INTO {target} VALUES %s", data, page_size=5_000)
+        cursor.copy_expert(f"COPY {target} FROM STDIN", body, size=1 << 20)
     finally:
         cursor.close()
 
 
+def _processed(process: Callable[[Any], Any], values: list[Any]) -> list[Any]:
+    """``[process(v) for v in values]``, once per distinct object (bind processors are pure)."""
+    done: dict[int, Any] = {}
+    out = []
+    for v in values:
+        key = id(v)
+        if key not in done:
+            done[key] = process(v)
+        out.append(done[key])
+    return out
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text_column(values: Sequence[Any]) -> list[str]:
+    """One column's values as COPY text fields (``\\N`` for NULL, escaped strings)."""
+    kinds = set(map(type, values))
+    if kinds == {str}:
+        texts: list[Any] = list(values)
+    elif kinds == {int}:
+        texts = list(map(str, values))
+    elif kinds == {datetime}:  # a run's timestamps repeat (one per billing page): format each once
+        texts = _processed(datetime.isoformat, values)
+    else:
+        texts = [
+            v if type(v) is str
+            else None if v is None
+            else ("t" if v else "f") if isinstance(v, bool)
+            else v.isoformat() if isinstance(v, datetime)
+            else str(v)
+            for v in values
+        ]
+    present = [t for t in texts if t is not None]
+    joined = "".join(present)
+    if "\\" in joined or "\t" in joined or "\n" in joined or "\r" in joined:
+        texts = [None if t is None else t.translate(_COPY_ESCAPES) for t in texts]
+    if len(present) != len(texts):
+        texts = ["\\N" if t is None else t for t in texts]
+    return texts  # type: ignore[return-value]
+
+
 def _apply_batch(
-    conn: Connection, batch: list[dict[str, Any]], *, run_id: str, trigger: str, now: datetime
+    conn: Connection, batch: Mapping[str, list[Any]], *, run_id: str, trigger: str, now: datetime
 ) -> list[str]:
-    """Load one batch, compare-and-set update ``instances``, audit; return applied ids."""
+    """Load one batch (columns), compare-and-set update ``instances``, audit; return applied ids."""
     conn.execute(delete(_tmp_applied))
     conn.execute(delete(_tmp_corrections))
     _load_rows(conn, _tmp_corrections, batch)
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"ANALYZE {_tmp_corrections.name}")
     t = _tmp_corrections
     cas_update = (
         update(instances)
@@ -956,7 +1086,7 @@ def _apply_batch(
     )
     applied = list(conn.execute(cas_update).scalars())
     if applied:
-        _load_rows(conn, _tmp_applied, [{"instance_id": i} for i in applied])
+        _load_rows(conn, _tmp_applied, {"instance_id": applied})
         _insert_audit(conn, run_id=run_id, trigger=trigger, now=now)
     return applied
 
@@ -1006,10 +1136,14 @@ def _isna(value: Any) -> bool:
 def _object_list(series: pd.Series) -> list[Any]:
     """Column values as Python objects with every kind of missing value as None."""
     missing = series.isna().tolist()
+    if not any(missing):
+        return series.astype(object).tolist()
     return [None if na else v for v, na in zip(series.astype(object).tolist(), missing)]
 
 
 def _int_list(series: pd.Series) -> list[int | None]:
+    if isinstance(series.dtype, np.dtype) and series.dtype.kind in "iu":
+        return series.tolist()  # a NumPy integer column: exact Python ints, no missing values
     out: list[int | None] = []
     for value in _object_list(series):
         if value is None:
@@ -1033,6 +1167,9 @@ def _datetime_list(series: pd.Series) -> list[datetime | None]:
             f"corrections contain an unreadable basis_at: {_one_line(str(exc))}"
         ) from None
     missing = converted.isna().tolist()
+    if not any(missing):  # one datetime object per distinct instant (a run has few)
+        codes, uniques = pd.factorize(converted)
+        return np.array(uniques.to_pydatetime(), dtype=object)[codes].tolist()
     values = converted.dt.to_pydatetime().tolist()
     return [None if na else v for v, na in zip(values, missing)]
 

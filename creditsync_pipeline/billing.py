@@ -177,13 +177,54 @@ def _parse_timestamps(values: list[Any]) -> tuple[pd.Series, np.ndarray, np.ndar
 
     Returns (timestamps as datetime64[ns, UTC] with NaT for anything unusable,
     null mask, "not ISO-8601" mask, range flags: -1 before / +1 after the ns range).
+    Values that repeat a lot (period ends cluster on a few days) are parsed once each.
     """
     n = len(values)
-    null = np.array([v is None for v in values], dtype=bool)
+    if n >= 512 and _few_distinct(values[:512]):
+        try:
+            codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
+        except TypeError:  # an unhashable value: parse one by one
+            codes = None
+        if codes is not None:
+            parsed_u, null_u, bad_u, oor_u = _parse_timestamps_each(list(uniques))
+            # None and NaN share the missing code: None is a missing value, NaN a bad one.
+            missing = codes < 0
+            take = np.where(missing, 0, codes)
+            if len(uniques):
+                parsed = parsed_u.take(take).reset_index(drop=True)
+                null, bad, out_of_range = null_u.take(take), bad_u.take(take), oor_u.take(take)
+            else:
+                parsed = pd.Series(pd.NaT, index=range(n), dtype=_TS_DTYPE)
+                null, bad, out_of_range = (np.zeros(n, dtype=bool), np.zeros(n, dtype=bool),
+                                           np.zeros(n, dtype=np.int8))
+            if missing.any():
+                at = np.flatnonzero(missing)
+                none = np.fromiter((values[i] is None for i in at), dtype=bool, count=len(at))
+                parsed.iloc[at] = pd.NaT
+                null[at], bad[at], out_of_range[at] = none, ~none, 0
+            return parsed, null, bad, out_of_range
+    return _parse_timestamps_each(values)
+
+
+def _few_distinct(sample: list[Any]) -> bool:
+    """Whether ``sample`` repeats a handful of values (False for unhashable values)."""
+    try:
+        return len(set(sample)) <= 64
+    except TypeError:
+        return False
+
+
+def _parse_timestamps_each(values: list[Any]) -> tuple[pd.Series, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_parse_timestamps` without the deduplication."""
+    n = len(values)
+    null = (
+        np.zeros(n, dtype=bool) if values.count(None) == 0
+        else np.fromiter((v is None for v in values), dtype=bool, count=n)
+    )
     # Cheap pre-filter ("YYYY-..."): keeps pandas' special strings ("now", "today") out;
     # format="ISO8601" is strict about the rest.
-    candidates = [v if type(v) is str and v[4:5] == "-" and v[:4].isdigit() else None for v in values]
-    shaped = pd.Series(candidates, dtype=object).notna().to_numpy(dtype=bool)
+    shaped = _iso_shaped(values, null)
+    candidates = values if shaped.all() else [v if ok else None for v, ok in zip(values, shaped.tolist())]
     parsed = pd.Series(
         pd.to_datetime(pd.Series(candidates, dtype=object), utc=True, errors="coerce", format="ISO8601")
     )
@@ -212,12 +253,57 @@ def _parse_timestamps(values: list[Any]) -> tuple[pd.Series, np.ndarray, np.ndar
     return parsed, null, bad, out_of_range
 
 
+def _iso_shaped(values: list[Any], null: np.ndarray) -> np.ndarray:
+    """``type(v) is str and v[4:5] == "-" and v[:4].isdigit()`` for every value, vectorised.
+
+    The vectorised form runs when every value is a short string or None (the normal
+    case); anything else takes the per-value test.
+    """
+    present = values if not null.any() else [v for v, none in zip(values, null.tolist()) if not none]
+    if present and set(map(type, present)) == {str} and max(map(len, present)) <= 64:
+        head = np.array(values, dtype=object)
+        head[null] = ""
+        head = head.astype("U5")
+        return np.strings.endswith(head, "-") & np.strings.isdigit(head.astype("U4"))
+    return np.array([type(v) is str and v[4:5] == "-" and v[:4].isdigit() for v in values], dtype=bool)
+
+
+def _field(data: Sequence[dict[str, Any]], key: str) -> list[Any]:
+    """``record.get(key)`` of every record (subscripting first: most records have every key)."""
+    try:
+        return [r[key] for r in data]
+    except KeyError:
+        return [r.get(key) for r in data]
+
+
+def _bad_strings(values: list[Any], allowed: frozenset[str] | None = None) -> np.ndarray:
+    """Mask of values that are not a non-blank string (or not one of ``allowed``).
+
+    Real data repeats a handful of values: judge the distinct ones, then spread.
+    """
+    try:
+        distinct = set(values)
+    except TypeError:  # an unhashable value (a JSON object or list): judge one by one
+        distinct = None
+    if distinct is not None:
+        bad = {
+            v for v in distinct
+            if type(v) is not str or (v not in allowed if allowed is not None else not v.strip())
+        }
+        if not bad:
+            return np.zeros(len(values), dtype=bool)
+        return np.array([v in bad for v in values], dtype=bool)
+    if allowed is not None:
+        return np.array([type(v) is not str or v not in allowed for v in values], dtype=bool)
+    return np.array([type(v) is not str or not v.strip() for v in values], dtype=bool)
+
+
 def _record_ids(data: Sequence[Any]) -> list[str]:
     """The ``instance_id`` of every record; ``_BadRecord`` when one is not usable."""
     if set(map(type, data)) - {dict}:
         i, record = next((i, r) for i, r in enumerate(data) if type(r) is not dict)
         raise _BadRecord(f"record #{i + 1} is not a JSON object ({type(record).__name__})")
-    ids = [r.get("instance_id") for r in data]
+    ids = _field(data, "instance_id")
     # Fast path with C-level scans; fall back to a per-record search to name the culprit.
     if ids and not (
         set(map(type, ids)) == {str}
@@ -239,16 +325,36 @@ def _validate_records(
 
     ``observed`` gives (request sent at, number of records) per page, in order.
     """
-    n = len(data)
+    if not data:
+        return _empty_records(), _empty_invalid()
+    return _validate_fields(ids, *_fields(data), observed)
+
+
+def _fields(data: Sequence[dict[str, Any]]) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """(plan_id, status, updated_at, current_period_end) of every record, as four lists."""
+    return (
+        _field(data, "plan_id"),
+        _field(data, "status"),
+        _field(data, "updated_at"),
+        _field(data, "current_period_end"),
+    )
+
+
+def _validate_fields(
+    ids: Sequence[str],
+    plans: list[Any],
+    statuses: list[Any],
+    updated_raw: list[Any],
+    period_raw: list[Any],
+    observed: Sequence[tuple[datetime, int]],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`_validate_records` on the records' fields, already taken out of the records."""
+    n = len(ids)
     if n == 0:
         return _empty_records(), _empty_invalid()
-    plans = [r.get("plan_id") for r in data]
-    statuses = [r.get("status") for r in data]
-    updated_raw = [r.get("updated_at") for r in data]
-    period_raw = [r.get("current_period_end") for r in data]
 
-    plan_bad = np.array([type(p) is not str or not p.strip() for p in plans], dtype=bool)
-    status_bad = np.array([type(v) is not str or v not in _STATUS_SET for v in statuses], dtype=bool)
+    plan_bad = _bad_strings(plans)
+    status_bad = _bad_strings(statuses, _STATUS_SET)
     updated, up_null, up_bad, up_oob = _parse_timestamps(updated_raw)
     period, _pe_null, pe_bad, pe_oob = _parse_timestamps(period_raw)
     # A period end beyond the representable range is still a valid far past/future date.
@@ -456,16 +562,19 @@ class BillingClient:
         frames: list[pd.DataFrame] = []
         invalid_frames: list[pd.DataFrame] = []
         # Pages are validated in batches: pandas' per-call overhead dominates at 1000 rows.
-        batch: list[dict[str, Any]] = []
+        # Each page's fields are taken out while its records are fresh in the CPU cache;
+        # the record dicts themselves are not kept.
         batch_ids: list[str] = []
+        batch_fields: tuple[list[Any], ...] = ([], [], [], [])
         batch_pages: list[tuple[datetime, int]] = []
 
         def flush() -> None:
-            valid, invalid = _validate_records(batch, batch_ids, batch_pages)
+            valid, invalid = _validate_fields(batch_ids, *batch_fields, batch_pages)
             frames.append(valid)
             invalid_frames.append(invalid)
-            batch.clear()
             batch_ids.clear()
+            for column in batch_fields:
+                column.clear()
             batch_pages.clear()
 
         seen_cursors: set[str] = set()
@@ -484,10 +593,12 @@ class BillingClient:
                 ids = _record_ids(data)
             except _BadRecord as exc:
                 raise self._malformed(what, f"unusable record: {exc}") from None
-            batch.extend(data)
+            for column, values in zip(batch_fields, _fields(data)):
+                column.extend(values)
             batch_ids.extend(ids)
             batch_pages.append((sent_at, len(data)))
-            if len(batch) >= _VALIDATE_BATCH:
+            del data, body
+            if len(batch_ids) >= _VALIDATE_BATCH:
                 flush()
             if next_cursor is None:
                 break

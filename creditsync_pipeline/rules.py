@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 ENTITLING_STATUSES = ("active", "trialing", "past_due")
@@ -102,12 +103,74 @@ def entitles(records: pd.DataFrame, now: datetime) -> pd.Series:
     return status.isin(ENTITLING_STATUSES) | paid_through
 
 
+_NO_SUBSCRIPTION = "no subscription in billing: free plan"
+_TS = "datetime64[ns, UTC]"
+
+
+def _deciding_records(records: pd.DataFrame, now: datetime, duplicated: np.ndarray) -> pd.DataFrame:
+    """The record that decides each instance: one row per ``instance_id``.
+
+    Columns ``instance_id``, ``plan_id``, ``status``, ``updated_at``, ``entitles``
+    (bool), ``basis_at``. An id with one record keeps it (no sort, no grouping:
+    the common case at scale). Ids with several records (``duplicated``) get the
+    latest entitling one, else the latest of all (ties: the larger ``plan_id``,
+    then the later record), and the earliest moment any of them was observed.
+    """
+    ent = entitles(records, now).to_numpy(dtype=bool)
+    cols = ["instance_id", "plan_id", "status", "updated_at"]
+    if not duplicated.any():
+        return pd.DataFrame(
+            {
+                **{c: records[c].reset_index(drop=True) for c in cols},
+                "entitles": ent,
+                "basis_at": records["observed_at"].reset_index(drop=True),
+            }
+        )
+    single = records.loc[~duplicated, cols].assign(
+        entitles=ent[~duplicated], basis_at=records["observed_at"].loc[~duplicated]
+    )
+    recs = records.loc[duplicated].assign(_entitles=ent[duplicated])
+    # One sort: per instance the last row is the latest entitling record if
+    # any record entitles, else the latest record of all.
+    winner = recs.sort_values(["instance_id", "_entitles", "updated_at", "plan_id"], kind="stable").drop_duplicates(
+        "instance_id", keep="last"
+    )
+    # Conservative: the earliest moment any of the instance's records was seen.
+    basis = recs.groupby("instance_id", sort=False)["observed_at"].min()
+    several = winner[cols].assign(
+        entitles=winner["_entitles"].astype(bool).to_numpy(),
+        basis_at=basis.reindex(winner["instance_id"]).set_axis(winner.index),
+    )
+    return pd.concat([single, several], ignore_index=True)
+
+
+def _reason_text(plan: pd.Series, status: pd.Series, updated: pd.Series, entitled: pd.Series) -> pd.Series:
+    """Why billing says what it says (NaN where a part is missing)."""
+    plan = pd.Series(plan, dtype="object").reset_index(drop=True)
+    status = pd.Series(status, dtype="object").reset_index(drop=True)
+    text = _iso_seconds(pd.Series(updated).reset_index(drop=True))
+    entitled = pd.Series(entitled, dtype=bool).reset_index(drop=True)
+    return ("billing: " + plan + " (" + status + ", updated " + text + ")").where(
+        entitled,
+        "no entitling subscription (latest " + status + ", updated " + text + "): free plan",
+    )
+
+
+def _iso_seconds(updated: pd.Series) -> pd.Series:
+    """``updated.dt.strftime("%Y-%m-%dT%H:%M:%SZ")`` in C (NaT stays missing), as objects."""
+    utc = pd.to_datetime(updated, utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+    text = np.char.add(np.datetime_as_string(utc.astype("datetime64[s]"), unit="s"), "Z").astype(object)
+    text[np.isnat(utc)] = np.nan
+    return pd.Series(text, dtype="object")
+
+
 def expected_plans(records: pd.DataFrame, now: datetime) -> pd.DataFrame:
     """Per instance with at least one record: what billing entitles it to.
 
     Columns: ``instance_id``, ``entitled_plan_id`` (NA when no record
     entitles), ``basis_at`` (when billing was observed for that instance),
-    ``reason``. Several entitling records: the latest ``updated_at`` wins.
+    ``reason``; ordered by ``instance_id``. Several entitling records: the
+    latest ``updated_at`` wins.
     """
     if records.empty:
         return pd.DataFrame(
@@ -118,35 +181,23 @@ def expected_plans(records: pd.DataFrame, now: datetime) -> pd.DataFrame:
                 "reason": pd.Series(dtype="object"),
             }
         )
-    recs = records.assign(_entitles=entitles(records, now).to_numpy())
-    # One sort: per instance the last row is the latest entitling record if
-    # any record entitles, else the latest record of all.
-    winner = (
-        recs.sort_values(["instance_id", "_entitles", "updated_at", "plan_id"], kind="stable")
-        .drop_duplicates("instance_id", keep="last")
-        .set_index("instance_id")
-    )
-    # Conservative: the earliest moment any of the instance's records was seen.
-    basis = recs.groupby("instance_id", sort=False)["observed_at"].min()
-    entitled = winner["_entitles"].astype(bool)
-    updated = winner["updated_at"].dt.strftime("%Y-%m-%dT%H:%M:%SZ").astype("object")
+    w = _deciding_records(records, now, records["instance_id"].duplicated(keep=False).to_numpy())
     out = pd.DataFrame(
         {
-            "entitled_plan_id": winner["plan_id"].astype("object").where(entitled, None),
-            "basis_at": basis.reindex(winner.index),
-            "reason": (
-                "billing: " + winner["plan_id"].astype("object") + " (" + winner["status"].astype("object")
-                + ", updated " + updated + ")"
-            ).where(
-                entitled,
-                "no entitling subscription (latest " + winner["status"].astype("object") + ", updated "
-                + updated + "): free plan",
-            ),
-        },
-        index=winner.index,
+            "instance_id": w["instance_id"],
+            "entitled_plan_id": w["plan_id"].astype("object").where(w["entitles"], None),
+            "basis_at": w["basis_at"],
+            "reason": _reason_text(w["plan_id"], w["status"], w["updated_at"], w["entitles"]),
+        }
     )
-    out.index.name = "instance_id"
-    return out.reset_index()[["instance_id", "entitled_plan_id", "basis_at", "reason"]]
+    return out.sort_values("instance_id", kind="stable").reset_index(drop=True)
+
+
+def _by_id(positions: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``positions`` reordered so that their ``ids`` ascend (output order of every kind)."""
+    if len(positions) < 2:
+        return positions
+    return positions[np.argsort(ids[positions], kind="stable")]
 
 
 def decide(
@@ -164,90 +215,177 @@ def decide(
     """Turn billing records and app rows into mismatches and corrections.
 
     ``instances`` holds the rows in scope (all of them for a full run, the
-    named ones for a targeted run); an instance with no billing record in a
-    *complete* fetch is entitled to nothing and belongs on the free plan.
-    ``absent_basis_at`` is when that absence was observed (the start of the
-    fetch). ``total_instances`` is the size of the whole table, the base of
+    named ones for a targeted run), in any order; an instance with no billing
+    record in a *complete* fetch is entitled to nothing and belongs on the free
+    plan. ``absent_basis_at`` is when that absence was observed (the start of
+    the fetch). ``total_instances`` is the size of the whole table, the base of
     the mass-change guard.
+
+    Mismatches come grouped by kind (``invalid_record``, ``missing_instance``,
+    ``unknown_plan``, ``wrong_plan``, ``wrong_credits``), each ordered by
+    ``instance_id``; corrections are ordered by ``instance_id``.
+
+    Columnar: one hash join of the instance ids against the record ids, then
+    array comparisons on integer plan codes; text (reasons) is built only for
+    the rows that end up in the output.
     """
     free_plan_id, _ = free_plan(plans)
-    credits_by_plan = plans.set_index("plan_id")["credits"].astype("int64")
+    plan_index = pd.Index(plans["plan_id"].to_numpy(dtype=object), dtype=object)
+    plan_credits = plans["credits"].astype("int64").to_numpy()
+    free_code = int(plan_index.get_indexer([free_plan_id])[0])
 
-    invalid_ids = set(invalid["instance_id"]) if not invalid.empty else set()
-    inst = instances.set_index("instance_id", drop=False)
-    expected = expected_plans(records, now).set_index("instance_id")
+    n = len(instances)
+    inst_ids = instances["instance_id"].to_numpy(dtype=object)
+    inst_plan = instances["plan_id"].to_numpy(dtype=object)
+    inst_credits_raw = instances["credits_total"]
 
+    # -- the deciding record of each instance (a hash join on instance_id) -------------
+    if records.empty:
+        w = _deciding_records(records, now, np.zeros(0, dtype=bool))
+        w_index = pd.Index(w["instance_id"].to_numpy(dtype=object), dtype=object)
+    else:
+        rec_index = pd.Index(records["instance_id"].to_numpy(dtype=object), dtype=object)
+        if rec_index.is_unique:  # builds the hash table that get_indexer below reuses
+            w = _deciding_records(records, now, np.zeros(len(records), dtype=bool))
+            w_index = rec_index
+        else:
+            w = _deciding_records(records, now, rec_index.duplicated(keep=False))
+            w_index = pd.Index(w["instance_id"].to_numpy(dtype=object), dtype=object)
+    w_of = w_index.get_indexer(inst_ids) if n and len(w) else np.full(n, -1, dtype=np.intp)
+    w_plan = w["plan_id"].to_numpy(dtype=object)
+    # An entitling record without a plan entitles to nothing usable: free plan.
+    w_entitled = w["entitles"].to_numpy(dtype=bool) & pd.notna(w_plan)
+    w_code = plan_index.get_indexer(w_plan) if len(w) else np.zeros(0, dtype=np.intp)
+
+    has = w_of >= 0
+    wi = np.where(has, w_of, 0)
+    entitled = has & w_entitled[wi] if len(w) else np.zeros(n, dtype=bool)
+    exp_code = np.where(entitled, w_code[wi] if len(w) else free_code, free_code)
+
+    # -- invalid_record: reported, the instance is left alone entirely -------------------
     parts: list[pd.DataFrame] = []
-
-    # invalid_record: reported, the instance is left alone entirely.
-    if invalid_ids:
-        inv = invalid.drop_duplicates("instance_id").set_index("instance_id")
-        cur = inst.reindex(inv.index)
+    is_invalid = np.zeros(n, dtype=bool)
+    if not invalid.empty:
+        inv = invalid.drop_duplicates("instance_id")
+        inv_index = pd.Index(inv["instance_id"].to_numpy(dtype=object), dtype=object)
+        # Which invalid id each app row carries (one probe per row into the small set).
+        hit = inv_index.get_indexer(inst_ids) if n else np.zeros(0, dtype=np.intp)
+        is_invalid = hit >= 0
+        row_of = np.full(len(inv_index), -1, dtype=np.intp)
+        row_of[hit[is_invalid]] = np.flatnonzero(is_invalid)
+        known = row_of >= 0
+        rows_at = np.where(known, row_of, 0)
+        order = np.argsort(inv_index.to_numpy(dtype=object), kind="stable")
+        cur_plan = np.where(known, inst_plan[rows_at] if n else None, None)
+        cur_credits = pd.array(
+            np.where(known, inst_credits_raw.to_numpy()[rows_at] if n else 0, 0), dtype="Int64"
+        )
+        cur_credits[~known] = pd.NA
         parts.append(
             pd.DataFrame(
                 {
-                    "instance_id": inv.index,
+                    "instance_id": pd.Series(inv_index.to_numpy(dtype=object)[order], dtype="str"),
                     "kind": "invalid_record",
-                    "current_plan_id": cur["plan_id"].to_numpy(),
+                    "current_plan_id": pd.Series(cur_plan[order], dtype="object"),
                     "expected_plan_id": None,
-                    "current_credits_total": cur["credits_total"].to_numpy(),
+                    "current_credits_total": cur_credits[order],
                     "expected_credits_total": None,
-                    "reason": ("invalid billing record: " + inv["reason"].astype(str)).to_numpy(),
+                    "reason": ("invalid billing record: " + inv["reason"].astype(str)).to_numpy()[order],
                 }
             )
         )
+        invalid_ids = set(inv_index)
+    else:
+        invalid_ids = set()
 
-    # missing_instance: billing entitles an id the app does not have.
-    exp_entitled = expected[expected["entitled_plan_id"].notna()]
-    missing_ids = exp_entitled.index.difference(inst.index)
-    missing_ids = missing_ids[~missing_ids.isin(list(invalid_ids))]
-    if len(missing_ids):
-        miss = exp_entitled.loc[missing_ids]
-        parts.append(
-            pd.DataFrame(
-                {
-                    "instance_id": miss.index,
-                    "kind": "missing_instance",
-                    "current_plan_id": None,
-                    "expected_plan_id": miss["entitled_plan_id"].to_numpy(),
-                    "current_credits_total": None,
-                    "expected_credits_total": miss["entitled_plan_id"].map(credits_by_plan).to_numpy(),
-                    "reason": ("no instances row; " + miss["reason"].astype(str)).to_numpy(),
-                }
+    # -- missing_instance: billing entitles an id the app does not have ----------------
+    if len(w):
+        matched = np.zeros(len(w), dtype=bool)
+        matched[w_of[has]] = True
+        lost = np.flatnonzero(w_entitled & ~matched)
+        if invalid_ids and len(lost):
+            lost = lost[~pd.Index(w["instance_id"].to_numpy(dtype=object)[lost]).isin(list(invalid_ids))]
+        if len(lost):
+            lost = _by_id(lost, w["instance_id"].to_numpy(dtype=object))
+            reason = _reason_text(
+                w["plan_id"].iloc[lost], w["status"].iloc[lost], w["updated_at"].iloc[lost], w["entitles"].iloc[lost]
             )
+            exp = w_plan[lost]
+            codes = w_code[lost]
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "instance_id": pd.Series(w["instance_id"].to_numpy(dtype=object)[lost], dtype="str"),
+                        "kind": "missing_instance",
+                        "current_plan_id": None,
+                        "expected_plan_id": pd.Series(exp, dtype="object"),
+                        "current_credits_total": None,
+                        "expected_credits_total": pd.array(
+                            np.where(codes >= 0, plan_credits[np.maximum(codes, 0)], 0), dtype="Int64"
+                        ),
+                        "reason": ("no instances row; " + reason.astype(str)).to_numpy(),
+                    }
+                )
+            )
+            missing_unknown = codes < 0
+            if missing_unknown.any():
+                parts[-1].loc[missing_unknown, "expected_credits_total"] = pd.NA
+
+    # -- every app row in scope gets an expected plan: entitled, or free ---------------
+    unknown = exp_code < 0
+    inst_code = plan_index.get_indexer(inst_plan) if n else np.zeros(0, dtype=np.intp)
+    exp_credits = plan_credits[np.maximum(exp_code, 0)] if n else np.zeros(0, dtype=np.int64)
+    credits_total = inst_credits_raw.astype("int64").to_numpy()
+    in_scope = ~is_invalid
+    wrong_plan = in_scope & ~unknown & (inst_code != exp_code)
+    wrong_credits = in_scope & ~unknown & ~wrong_plan & (credits_total != exp_credits)
+    unknown &= in_scope
+
+    # Only the rows that will be reported get text: sorted by id once, then split by kind.
+    out_pos = _by_id(np.flatnonzero(unknown | wrong_plan | wrong_credits), inst_ids)
+    out_expected_plan = np.where(entitled[out_pos], w_plan[wi[out_pos]] if len(w) else None, free_plan_id)
+    out_reason = np.full(len(out_pos), _NO_SUBSCRIPTION, dtype=object)
+    out_basis = pd.Series(pd.NaT, index=range(len(out_pos)), dtype=_TS)
+    with_record = has[out_pos]
+    if with_record.any():
+        sel = w_of[out_pos[with_record]]
+        text = _reason_text(
+            w["plan_id"].iloc[sel], w["status"].iloc[sel], w["updated_at"].iloc[sel], w["entitles"].iloc[sel]
         )
+        # (a record whose text cannot be built reads like no record, as it always has)
+        out_reason[with_record] = text.where(text.notna(), _NO_SUBSCRIPTION).to_numpy()
+        seen = pd.to_datetime(w["basis_at"].iloc[sel], utc=True).astype(_TS)
+        out_basis.iloc[np.flatnonzero(with_record)] = seen.array
+    # When billing was observed for each row: its record's page, else the start of the fetch.
+    out_basis = out_basis.where(out_basis.notna(), pd.Timestamp(absent_basis_at))
 
-    # Every app row in scope gets an expected plan: entitled, or free.
-    rows = inst[~inst.index.isin(list(invalid_ids))]
-    exp = expected.reindex(rows.index)
-    expected_plan = exp["entitled_plan_id"].astype("object").where(exp["entitled_plan_id"].notna(), free_plan_id)
-    basis = exp["basis_at"].where(exp["basis_at"].notna(), pd.Timestamp(absent_basis_at))
-    reason = exp["reason"].where(exp["reason"].notna(), "no subscription in billing: free plan")
-    expected_credits = expected_plan.map(credits_by_plan)
-
-    unknown = expected_credits.isna()
-    wrong_plan = ~unknown & (rows["plan_id"] != expected_plan)
-    wrong_credits = ~unknown & ~wrong_plan & (rows["credits_total"].astype("int64") != expected_credits)
-
-    def frame(mask: pd.Series, kind: str, why: pd.Series) -> pd.DataFrame:
+    def frame(mask: np.ndarray, kind: str, prefix: str = "") -> pd.DataFrame:
+        pos = out_pos[mask]
+        reason = out_reason[mask]
+        if prefix:
+            reason = np.array([prefix + str(r) for r in reason], dtype=object)
+        known = exp_code[pos] >= 0
+        expected_credits = pd.array(np.where(known, exp_credits[pos], 0), dtype="Int64")
+        expected_credits[~known] = pd.NA
         return pd.DataFrame(
             {
-                "instance_id": rows.index[mask.to_numpy()],
+                "instance_id": pd.Series(inst_ids[pos], dtype="str"),
                 "kind": kind,
-                "current_plan_id": rows.loc[mask, "plan_id"].to_numpy(),
-                "expected_plan_id": expected_plan[mask].to_numpy(),
-                "current_credits_total": rows.loc[mask, "credits_total"].to_numpy(),
-                "expected_credits_total": expected_credits[mask].to_numpy(),
-                "reason": why[mask].to_numpy(),
+                "current_plan_id": pd.Series(inst_plan[pos], dtype="object"),
+                "expected_plan_id": pd.Series(out_expected_plan[mask], dtype="object"),
+                "current_credits_total": pd.array(inst_credits_raw.to_numpy()[pos], dtype="Int64"),
+                "expected_credits_total": expected_credits,
+                "reason": pd.Series(reason, dtype="str"),
             }
         )
 
-    if unknown.any():
-        parts.append(frame(unknown, "unknown_plan", "plan not in plans table; " + reason.astype(str)))
-    if wrong_plan.any():
-        parts.append(frame(wrong_plan, "wrong_plan", reason))
-    if wrong_credits.any():
-        parts.append(frame(wrong_credits, "wrong_credits", reason))
+    for mask, kind, prefix in (
+        (unknown[out_pos], "unknown_plan", "plan not in plans table; "),
+        (wrong_plan[out_pos], "wrong_plan", ""),
+        (wrong_credits[out_pos], "wrong_credits", ""),
+    ):
+        if mask.any():
+            parts.append(frame(mask, kind, prefix))
 
     parts = [p for p in parts if not p.empty]
     mismatches = (
@@ -256,22 +394,22 @@ def decide(
     for col in ("current_credits_total", "expected_credits_total"):
         mismatches[col] = pd.array(mismatches[col], dtype="Int64")
 
-    fix = wrong_plan | wrong_credits
+    fixing = ~unknown[out_pos]
+    fix = out_pos[fixing]
     planned = pd.DataFrame(
         {
-            "instance_id": rows.index[fix.to_numpy()],
-            "old_plan_id": rows.loc[fix, "plan_id"].to_numpy(),
-            "new_plan_id": expected_plan[fix].to_numpy(),
-            "old_credits_total": rows.loc[fix, "credits_total"].astype("int64").to_numpy(),
-            "new_credits_total": expected_credits[fix].astype("int64").to_numpy(),
-            "reason": reason[fix].to_numpy(),
-            "basis_at": pd.to_datetime(basis[fix], utc=True).to_numpy(),
+            "instance_id": pd.Series(inst_ids[fix], dtype="str"),
+            "old_plan_id": pd.Series(inst_plan[fix], dtype="str"),
+            "new_plan_id": pd.Series(out_expected_plan[fixing], dtype="str"),
+            "old_credits_total": credits_total[fix],
+            "new_credits_total": exp_credits[fix].astype("int64"),
+            "reason": pd.Series(out_reason[fixing], dtype="str"),
+            "basis_at": pd.to_datetime(out_basis[fixing].reset_index(drop=True), utc=True),
         }
     )
-    planned["basis_at"] = pd.to_datetime(planned["basis_at"], utc=True)
     # Never write from billing data older than the row it would overwrite.
-    row_updated = pd.to_datetime(rows.loc[fix, "updated_at"], utc=True).to_numpy()
-    newer_row = pd.Series(row_updated, dtype="datetime64[ns, UTC]").gt(planned["basis_at"]).to_numpy()
+    row_updated = pd.to_datetime(instances["updated_at"], utc=True).iloc[fix].reset_index(drop=True).astype(_TS)
+    newer_row = row_updated.gt(planned["basis_at"].astype(_TS)).to_numpy()
     stale = planned[newer_row].reset_index(drop=True)
     corrections = planned[~newer_row].reset_index(drop=True)
 

@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -32,12 +33,14 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from datetime import time as dt_time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["BillingSimulator", "FAULT_KINDS", "FAULT_ENDPOINTS", "main"]
+__all__ = ["BillingSimulator", "FAULT_KINDS", "FAULT_ENDPOINTS", "SYNTHETIC_PLANS", "generate_records", "main"]
 
 logger = logging.getLogger("creditsync.simulator")
 
@@ -671,6 +674,63 @@ def _consteq(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
+#: Plans of the synthetic data set (``plan_id``, ``credits``, ``is_free``), as an app would sell them.
+SYNTHETIC_PLANS = (("free", 100, True), ("starter", 1000, False), ("pro", 5000, False), ("team", 20000, False))
+#: (status, period end in days from the anchor or None, weight): what a paid app's billing looks like.
+_SYNTHETIC_STATUSES = (
+    ("active", 30, 70),
+    ("trialing", 14, 5),
+    ("past_due", 3, 5),
+    ("canceled", 20, 5),  # paid through the period: still entitled
+    ("canceled", -20, 3),
+    ("canceled", None, 2),
+    ("expired", -40, 10),
+)
+_SYNTHETIC_PAID = (("starter", 40), ("pro", 40), ("team", 20))
+
+
+def synthetic_instance_id(seed: int, index: int) -> str:
+    """The id of synthetic instance ``index``: unique, not in index order (like real ids)."""
+    mixed = ((index + 1) * 0x9E3779B97F4A7C15 + seed * 0xBF58476D1CE4E5B9) & 0xFFFF_FFFF_FFFF_FFFF
+    return f"inst-{mixed:016x}"
+
+
+def generate_records(n: int, *, seed: int = 0, anchor: date | None = None) -> list[dict[str, Any]]:
+    """``n`` deterministic synthetic subscription records, one per instance (benchmarks, load tests).
+
+    The same ``(n, seed, anchor)`` always gives the same records. Dates are whole days
+    away from ``anchor`` (default: today, UTC), so whether a record entitles does not
+    depend on the hour it is evaluated at.
+    """
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    rng = random.Random(seed)
+    day = datetime.combine(anchor or datetime.now(timezone.utc).date(), dt_time(), tzinfo=timezone.utc)
+    statuses = rng.choices(
+        [(s, d) for s, d, _ in _SYNTHETIC_STATUSES], weights=[w for *_, w in _SYNTHETIC_STATUSES], k=n
+    )
+    plans = rng.choices([p for p, _ in _SYNTHETIC_PAID], weights=[w for _, w in _SYNTHETIC_PAID], k=n)
+    # updated_at: 2..300 days before the anchor, at a random second of that day.
+    days_ago = [(day - timedelta(days=d)).strftime("%Y-%m-%d") for d in range(2, 301)]
+    clock = [f"T{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}Z" for s in range(86_400)]
+    ages = [rng.randrange(len(days_ago)) for _ in range(n)]
+    seconds = [rng.randrange(86_400) for _ in range(n)]
+    ends = {
+        d: None if d is None else (day + timedelta(days=d)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for _, d, _ in _SYNTHETIC_STATUSES
+    }
+    return [
+        {
+            "instance_id": synthetic_instance_id(seed, i),
+            "plan_id": plans[i],
+            "status": status,
+            "current_period_end": ends[days],
+            "updated_at": days_ago[ages[i]] + clock[seconds[i]],
+        }
+        for i, (status, days) in enumerate(statuses)
+    ]
+
+
 def _load_records(path: str) -> Iterator[Any]:
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
@@ -688,11 +748,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--records", metavar="FILE.json", help="a JSON list of subscription records")
+    parser.add_argument(
+        "--generate", type=int, metavar="N", help="serve N synthetic records instead (see generate_records)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --generate (default 0)")
+    parser.add_argument(
+        "--anchor", type=date.fromisoformat, metavar="YYYY-MM-DD", help="anchor day of --generate (default today, UTC)"
+    )
     args = parser.parse_args(argv)
+    if args.records and args.generate is not None:
+        parser.error("--records and --generate are mutually exclusive")
 
     token = os.environ.get("BILLING_API_TOKEN") or "sim-token"
     try:
-        records = _load_records(args.records) if args.records else ()
+        if args.generate is not None:
+            records: Iterable[Any] = generate_records(args.generate, seed=args.seed, anchor=args.anchor)
+        else:
+            records = _load_records(args.records) if args.records else ()
         sim = BillingSimulator(records, token=token, host=args.host, port=args.port)
         sim.start()
     except (OSError, ValueError) as exc:
