@@ -50,6 +50,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.types import TypeDecorator
 
+# The corrections frame is the rules' output; one definition of its columns.
+from .rules import CORRECTION_COLUMNS
+
 __all__ = [
     "AppDatabaseError",
     "ApplyResult",
@@ -82,16 +85,6 @@ COPY_READ_CHUNK_SIZE = 100_000
 #: Rows per executemany in the insert helpers.
 INSERT_CHUNK_SIZE = 10_000
 
-#: Columns of the corrections frame taken by :func:`apply_corrections`.
-CORRECTION_COLUMNS: tuple[str, ...] = (
-    "instance_id",
-    "old_plan_id",
-    "new_plan_id",
-    "old_credits_total",
-    "new_credits_total",
-    "reason",
-    "basis_at",
-)
 
 _SQL_DIR_ENV = "CREDITSYNC_SQL_DIR"
 _DIALECT_DIRS = {"postgresql": "postgresql", "sqlite": "sqlite"}
