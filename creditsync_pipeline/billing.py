@@ -17,9 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import re
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +32,7 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
+import orjson
 import pandas as pd
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_exponential, wait_random
@@ -55,6 +59,13 @@ STATUSES = ("active", "trialing", "past_due", "canceled", "expired")
 MAX_INSTANCE_ID_LENGTH = 256
 _STATUS_SET = frozenset(STATUSES)
 _VALIDATE_BATCH = 20_000
+#: parsed pages the page walker may hold ahead of validation (bounds memory: ~1 MB a page)
+_PREFETCH_PAGES = 4
+_NO_GUESS: Any = object()
+#: ``"next_cursor": null | "..."`` as the last member of the page object (no escapes inside)
+_TAIL_CURSOR_RE = re.compile(rb'"next_cursor"\s*:\s*(?:(null)|"([^"\\]*)")\s*\}\s*\Z')
+#: one list page as the walker hands it over: (instance ids, records, request sent at)
+_Page = tuple[list[str], list[Any], datetime]
 
 _LIST_PATH = "/v1/subscriptions"
 _TS_DTYPE = "datetime64[ns, UTC]"
@@ -425,6 +436,36 @@ def _observed_column(
     return pd.Series(column if all_valid else column[take], dtype=_TS_DTYPE)
 
 
+def _tail_cursor(content: bytes) -> str | None | Any:
+    """The page's ``next_cursor`` read off the end of its body without parsing it.
+
+    ``_NO_GUESS`` when the body does not end with that member (or the cursor holds an
+    escape); the parsed page is always checked against the guess.
+    """
+    match = _TAIL_CURSOR_RE.search(content, max(0, len(content) - 4096))
+    if match is None:
+        return _NO_GUESS
+    if match.group(1) is not None:
+        return None
+    try:
+        return match.group(2).decode("utf-8") or _NO_GUESS
+    except UnicodeDecodeError:
+        return _NO_GUESS
+
+
+def _loads(content: bytes) -> Any:
+    """``json.loads`` semantics at orjson speed.
+
+    orjson refuses a few things the stdlib accepts (integers beyond 64 bits, NaN,
+    lone surrogates); such a body is re-read by the stdlib, so every page means
+    exactly what ``json.loads`` says it means.
+    """
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return json.loads(content)
+
+
 def _json_type(value: Any) -> str:
     """JSON name of a decoded value's type (for messages)."""
     if value is None:
@@ -557,13 +598,16 @@ class BillingClient:
     # -- public fetches ----------------------------------------------------------------------
 
     def fetch_all(self) -> BillingSnapshot:
-        """Fetch every page of ``GET /v1/subscriptions``, following ``next_cursor``."""
+        """Fetch every page of ``GET /v1/subscriptions``, following ``next_cursor``.
+
+        The pages are pipelined (see :meth:`_pages`): the next page is already on its way
+        while this thread parses and validates the current one.
+        """
         started_at = _utcnow()
         frames: list[pd.DataFrame] = []
         invalid_frames: list[pd.DataFrame] = []
         # Pages are validated in batches: pandas' per-call overhead dominates at 1000 rows.
-        # Each page's fields are taken out while its records are fresh in the CPU cache;
-        # the record dicts themselves are not kept.
+        # Each page's fields are taken out as it arrives; the record dicts are not kept.
         batch_ids: list[str] = []
         batch_fields: tuple[list[Any], ...] = ([], [], [], [])
         batch_pages: list[tuple[datetime, int]] = []
@@ -577,44 +621,24 @@ class BillingClient:
                 column.clear()
             batch_pages.clear()
 
-        seen_cursors: set[str] = set()
-        cursor: str | None = None
-        page = 0
-        while True:
-            page += 1
-            what = f"GET {_LIST_PATH} (page {page})"
-            params: dict[str, Any] = {"limit": self._page_size}
-            if cursor is not None:
-                params["cursor"] = cursor
-            response, sent_at = self._send(_LIST_PATH, what, params=params)
-            body = self._json_body(response, what, single=False)
-            data, next_cursor = self._page_shape(body, what)
-            try:
-                ids = _record_ids(data)
-            except _BadRecord as exc:
-                raise self._malformed(what, f"unusable record: {exc}") from None
-            for column, values in zip(batch_fields, _fields(data)):
-                column.extend(values)
-            batch_ids.extend(ids)
-            batch_pages.append((sent_at, len(data)))
-            del data, body
-            if len(batch_ids) >= _VALIDATE_BATCH:
-                flush()
-            if next_cursor is None:
-                break
-            if next_cursor in seen_cursors:
-                raise self._malformed(
-                    what, "next_cursor repeats an earlier cursor; refusing to loop over the same pages"
-                )
-            seen_cursors.add(next_cursor)
-            cursor = next_cursor
+        pages = 0
+        with closing(self._pages()) as walk:  # closed at once on any failure here
+            for ids, data, sent_at in walk:
+                pages += 1
+                for column, values in zip(batch_fields, _fields(data)):
+                    column.extend(values)
+                batch_ids.extend(ids)
+                batch_pages.append((sent_at, len(data)))
+                del data
+                if len(batch_ids) >= _VALIDATE_BATCH:
+                    flush()
         flush()
         snapshot = BillingSnapshot(
             records=_concat(frames, _empty_records),
             invalid=_concat(invalid_frames, _empty_invalid),
             started_at=started_at,
             finished_at=_utcnow(),
-            pages=page,
+            pages=pages,
             requested_ids=None,
         )
         logger.info(
@@ -675,6 +699,104 @@ class BillingClient:
         )
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _pages(self) -> Iterator[_Page]:
+        """Every list page in order as (ids, records, request sent at); raises on a bad page.
+
+        Two threads share the work. A fetcher thread (:meth:`_fetch_pages`) does only
+        HTTP: as soon as a page's bytes are in, it reads ``next_cursor`` off the end of
+        the body and asks for the next page, while this thread parses the page, checks
+        its shape, its cursor (it must equal the one read off the end) and every record's
+        ``instance_id``. The fetcher waits for this thread's cursor instead when the end
+        of the body does not show one (other key order, escapes) or shows a cursor seen
+        before. So at most one page past a malformed page is requested and none is used;
+        the first failure of either thread stops both and is raised here. At most
+        ``_PREFETCH_PAGES`` raw pages wait between the threads.
+        """
+        handoff: queue.Queue[Any] = queue.Queue(maxsize=_PREFETCH_PAGES)
+        cursors: queue.Queue[Any] = queue.Queue()
+        stop = threading.Event()
+
+        def fetch() -> None:
+            try:
+                self._fetch_pages(handoff, cursors, stop)
+            except BaseException as exc:  # noqa: BLE001 - handed over, raised by the consumer
+                handoff.put(exc)
+
+        fetcher = threading.Thread(target=fetch, name="billing-pages", daemon=True)
+        fetcher.start()
+        seen_cursors: set[str] = set()
+        try:
+            while True:
+                item = handoff.get()
+                if isinstance(item, BaseException):
+                    raise item
+                page, content, content_type, sent_at, guess = item
+                what = f"GET {_LIST_PATH} (page {page})"
+                body = self._parse_json(content, content_type, what)
+                del content
+                data, next_cursor = self._page_shape(body, what)
+                try:
+                    ids = _record_ids(data)
+                except _BadRecord as exc:
+                    raise self._malformed(what, f"unusable record: {exc}") from None
+                if next_cursor is not None:
+                    if next_cursor in seen_cursors:
+                        raise self._malformed(
+                            what, "next_cursor repeats an earlier cursor; refusing to loop over the same pages"
+                        )
+                    seen_cursors.add(next_cursor)
+                if guess is _NO_GUESS:
+                    cursors.put(next_cursor)
+                elif guess != next_cursor:  # only a body that is not valid JSON could do this
+                    raise self._malformed(what, "next_cursor differs from the end of the body")
+                yield ids, data, sent_at
+                if next_cursor is None:
+                    return
+        finally:
+            stop.set()
+            cursors.put(None)  # a fetcher waiting for a cursor stops
+            while fetcher.is_alive():  # unblock a pending put, then let the fetcher finish
+                try:
+                    handoff.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            fetcher.join()
+
+    def _fetch_pages(self, handoff: queue.Queue[Any], cursors: queue.Queue[Any], stop: threading.Event) -> None:
+        """The fetcher thread of :meth:`_pages`: request pages, hand over their raw bytes."""
+        seen: set[str] = set()
+        cursor: str | None = None
+        page = 0
+        while not stop.is_set():
+            page += 1
+            what = f"GET {_LIST_PATH} (page {page})"
+            params: dict[str, Any] = {"limit": self._page_size}
+            if cursor is not None:
+                params["cursor"] = cursor
+            response, sent_at = self._send(_LIST_PATH, what, params=params)
+            if response.status_code != 200:
+                self._json_body(response, what, single=False)  # raises the right error
+            content = response.content
+            content_type = response.headers.get("Content-Type", "unknown")
+            del response
+            guess = _tail_cursor(content)
+            if isinstance(guess, str) and guess in seen:
+                guess = _NO_GUESS  # let the consumer name the loop
+            while True:
+                if stop.is_set():
+                    return
+                try:
+                    handoff.put((page, content, content_type, sent_at, guess), timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            if guess is _NO_GUESS:
+                guess = cursors.get()  # the consumer's parsed cursor (None: last page or stop)
+            if guess is None:
+                return
+            seen.add(guess)
+            cursor = guess
 
     def _fetch_concurrently(
         self, ids: tuple[str, ...], results: dict[str, tuple[dict[str, Any] | None, datetime]]
@@ -794,11 +916,7 @@ class BillingClient:
         if status in (401, 403):
             raise self._error(BillingAuthError, f"billing API rejected the token (HTTP {status})")
         if status == 200:
-            try:
-                return json.loads(response.content)
-            except (ValueError, RecursionError):
-                content_type = response.headers.get("Content-Type", "unknown").split(";")[0].strip()[:60]
-                raise self._malformed(what, f"non-JSON body (HTTP 200, content-type {content_type})") from None
+            return self._parse_json(response.content, response.headers.get("Content-Type", "unknown"), what)
         if status == 404:
             if single:
                 try:
@@ -815,6 +933,14 @@ class BillingClient:
             code = self._error_code(response)
             raise self._error(BillingError, f"billing API refused {what}: HTTP {status}{code}")
         raise self._malformed(what, f"unexpected HTTP {status}")
+
+    def _parse_json(self, content: bytes, content_type: str, what: str) -> Any:
+        """The JSON of an HTTP 200 body, or a one-line malformed error naming its content type."""
+        try:
+            return _loads(content)
+        except (ValueError, RecursionError):
+            kind = content_type.split(";")[0].strip()[:60]
+            raise self._malformed(what, f"non-JSON body (HTTP 200, content-type {kind})") from None
 
     @staticmethod
     def _error_code(response: httpx.Response) -> str:

@@ -267,7 +267,8 @@ def test_record_without_usable_instance_id_fails_the_fetch(sim: BillingSimulator
         client.fetch_all()
     assert str(info.value).startswith("billing API response malformed: GET /v1/subscriptions (page 2): unusable record")
     assert_one_line_no_token(info.value)
-    assert sim.request_count("list") == 2  # not retried
+    # Not retried; page 3 may already be on its way (pipelining), nothing beyond it.
+    assert sim.request_count("list") in (2, 3)
 
 
 def test_max_length_instance_id_is_fine(sim: BillingSimulator, make_client) -> None:
@@ -334,6 +335,68 @@ def test_500_then_success(sim: BillingSimulator, make_client, sleeps) -> None:
     assert sim.request_count("list") == 5
     assert len(sleeps.calls) == 2
     assert sleeps.calls[0] <= 0.02 + 1e-9 and sleeps.calls[1] <= 0.03 + 1e-9  # exponential: 0.01, 0.02 (+jitter)
+
+
+def test_nothing_is_requested_beyond_the_page_after_a_bad_one(sim: BillingSimulator, make_client) -> None:
+    sim.set_records(many(40))  # 10 pages of 4
+    sim.upsert({**rec("x"), "instance_id": ""}, key="inst-00005a")  # page 2
+    with pytest.raises(BillingMalformedError, match=r"\(page 2\): unusable record"):
+        make_client(page_size=4).fetch_all()
+    assert sim.request_count("list") <= 3
+
+
+def _paged_transport(pages: dict[str | None, bytes], calls: list[str | None]) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        cursor = request.url.params.get("cursor")
+        calls.append(cursor)
+        return httpx.Response(200, content=pages[cursor], headers={"Content-Type": "application/json"})
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        '{{"next_cursor": {cursor}, "data": {data}}}',  # cursor first: nothing to read off the end
+        '{{"data": {data}, "next_cursor": {cursor}, "has_more": true}}',  # cursor not last
+        '{{"data": {data}, "next_cursor": {cursor}}}\n\n',  # cursor last, trailing whitespace
+    ],
+    ids=["cursor-first", "cursor-middle", "cursor-last"],
+)
+def test_pages_follow_the_parsed_cursor_whatever_the_key_order(make_client, layout: str) -> None:
+    records = many(9)
+    names: list[str | None] = [None, 'c\\"1', "c/2"]  # an escaped quote: only the parsed value knows it
+    pages: dict[str | None, bytes] = {}
+    for k, name in enumerate(names):
+        nxt = names[k + 1] if k + 1 < len(names) else None
+        pages[name] = layout.format(
+            cursor=json.dumps(nxt), data=json.dumps(records[3 * k : 3 * k + 3])
+        ).encode()
+    calls: list[str | None] = []
+    client = make_client(base_url="https://billing.example", transport=_paged_transport(pages, calls))
+    snapshot = client.fetch_all()
+    assert calls == names
+    assert list(snapshot.records["instance_id"]) == [r["instance_id"] for r in records]
+    assert snapshot.pages == 3
+
+
+def test_a_failure_while_validating_stops_the_page_fetcher(
+    sim: BillingSimulator, make_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from creditsync_pipeline import billing as billing_module
+
+    sim.set_records(many(400))  # 100 pages of 4
+
+    def explode(*args: object) -> None:
+        raise RuntimeError("validation blew up")
+
+    monkeypatch.setattr(billing_module, "_VALIDATE_BATCH", 8)
+    monkeypatch.setattr(billing_module, "_validate_fields", explode)
+    with pytest.raises(RuntimeError, match="validation blew up"):
+        make_client(page_size=4).fetch_all()
+    # Two pages validated, a few more prefetched at most; then the fetcher is gone.
+    assert sim.request_count("list") <= 2 + billing_module._PREFETCH_PAGES + 2
+    assert not [t for t in threading.enumerate() if t.name == "billing-pages"]
 
 
 def test_persistent_500_mid_list_raises(sim: BillingSimulator, make_client) -> None:
