@@ -147,6 +147,17 @@ def test_ddl_matches_sqlalchemy_tables(engine: Engine) -> None:
     assert unique_event
 
 
+def test_instances_leave_room_for_hot_updates_on_postgresql(engine: Engine) -> None:
+    """fillfactor 90 on PostgreSQL: corrections and credits_used updates stay on their page."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("a PostgreSQL storage parameter")
+    with engine.connect() as conn:
+        options = conn.exec_driver_sql(
+            "SELECT reloptions FROM pg_class WHERE oid = 'instances'::regclass"
+        ).scalar_one()
+    assert options == ["fillfactor=90"]
+
+
 def test_init_db_unknown_dialect_is_an_error() -> None:
     fake = SimpleNamespace(dialect=SimpleNamespace(name="oracle"))
     with pytest.raises(AppDatabaseError, match="unsupported app database dialect: oracle"):
