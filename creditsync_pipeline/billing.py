@@ -271,6 +271,23 @@ def _iso_shaped(values: list[Any], null: np.ndarray) -> np.ndarray:
     case); anything else takes the per-value test.
     """
     present = values if not null.any() else [v for v, none in zip(values, null.tolist()) if not none]
+    if present and set(map(type, present)) == {str}:
+        texts = values if len(present) == len(values) else [v if v is not None else "" for v in values]
+        joined = "".join(texts)
+        if joined.isascii():  # the usual case: look at the bytes where each value starts
+            n = len(texts)
+            lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n)
+            starts = np.zeros(n, dtype=np.int64)
+            np.cumsum(lengths[:-1], out=starts[1:])
+            raw = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
+            long_enough = lengths >= 5
+            at = starts[long_enough]
+            shaped = raw[at + 4] == ord("-")
+            for k in range(4):
+                shaped &= (raw[at + k] - ord("0")) < 10  # uint8 wraps: below "0" is large
+            out = np.zeros(n, dtype=bool)
+            out[long_enough] = shaped
+            return out
     if present and set(map(type, present)) == {str} and max(map(len, present)) <= 64:
         head = np.array(values, dtype=object)
         head[null] = ""
