@@ -73,6 +73,7 @@ __all__ = [
     "read_audit",
     "read_instances",
     "redact_url",
+    "shares_data_across_connections",
     "upsert_plans",
 ]
 
@@ -339,6 +340,14 @@ def create_engine_from_url(url: str) -> Engine:
             f"cannot create engine for {redact_url(url)}: {reason}"
         ) from None
     return engine
+
+
+def shares_data_across_connections(engine: Engine) -> bool:
+    """Whether two connections of ``engine`` see the same data (not so for in-memory SQLite)."""
+    if engine.dialect.name != "sqlite":
+        return True
+    database = engine.url.database or ""
+    return database not in ("", ":memory:") and engine.url.query.get("mode") != "memory"
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:
