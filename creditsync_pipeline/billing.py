@@ -726,9 +726,9 @@ class BillingClient:
         its shape, its cursor (it must equal the one read off the end) and every record's
         ``instance_id``. The fetcher waits for this thread's cursor instead when the end
         of the body does not show one (other key order, escapes) or shows a cursor seen
-        before. So at most one page past a malformed page is requested and none is used;
-        the first failure of either thread stops both and is raised here. At most
-        ``_PREFETCH_PAGES`` raw pages wait between the threads.
+        before. At most ``_PREFETCH_PAGES`` raw pages wait between the threads, so at most
+        ``_PREFETCH_PAGES + 1`` pages past a malformed page are requested, and none of
+        them is used: the first failure of either thread stops both and is raised here.
         """
         handoff: queue.Queue[Any] = queue.Queue(maxsize=_PREFETCH_PAGES)
         cursors: queue.Queue[Any] = queue.Queue()

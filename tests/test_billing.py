@@ -267,7 +267,7 @@ def test_record_without_usable_instance_id_fails_the_fetch(sim: BillingSimulator
         client.fetch_all()
     assert str(info.value).startswith("billing API response malformed: GET /v1/subscriptions (page 2): unusable record")
     assert_one_line_no_token(info.value)
-    # Not retried; page 3 may already be on its way (pipelining), nothing beyond it.
+    # Not retried; page 3 (the last) may already have been fetched ahead, never used.
     assert sim.request_count("list") in (2, 3)
 
 
@@ -337,12 +337,15 @@ def test_500_then_success(sim: BillingSimulator, make_client, sleeps) -> None:
     assert sleeps.calls[0] <= 0.02 + 1e-9 and sleeps.calls[1] <= 0.03 + 1e-9  # exponential: 0.01, 0.02 (+jitter)
 
 
-def test_nothing_is_requested_beyond_the_page_after_a_bad_one(sim: BillingSimulator, make_client) -> None:
-    sim.set_records(many(40))  # 10 pages of 4
+def test_the_fetcher_stops_a_few_pages_past_a_bad_one(sim: BillingSimulator, make_client) -> None:
+    from creditsync_pipeline.billing import _PREFETCH_PAGES
+
+    sim.set_records(many(80))  # 20 pages of 4
     sim.upsert({**rec("x"), "instance_id": ""}, key="inst-00005a")  # page 2
     with pytest.raises(BillingMalformedError, match=r"\(page 2\): unusable record"):
         make_client(page_size=4).fetch_all()
-    assert sim.request_count("list") <= 3
+    # Pages already queued for the consumer plus the one in the fetcher's hand; none used.
+    assert sim.request_count("list") <= 2 + _PREFETCH_PAGES + 1 < 20
 
 
 def _paged_transport(pages: dict[str | None, bytes], calls: list[str | None]) -> httpx.MockTransport:
