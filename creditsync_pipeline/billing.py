@@ -59,12 +59,12 @@ STATUSES = ("active", "trialing", "past_due", "canceled", "expired")
 MAX_INSTANCE_ID_LENGTH = 256
 _STATUS_SET = frozenset(STATUSES)
 _VALIDATE_BATCH = 20_000
-#: parsed pages the page walker may hold ahead of validation (bounds memory: ~1 MB a page)
+#: raw pages the fetcher thread may queue ahead of the parser (~170 KB each at 1000 records)
 _PREFETCH_PAGES = 4
 _NO_GUESS: Any = object()
 #: ``"next_cursor": null | "..."`` as the last member of the page object (no escapes inside)
 _TAIL_CURSOR_RE = re.compile(rb'"next_cursor"\s*:\s*(?:(null)|"([^"\\]*)")\s*\}\s*\Z')
-#: one list page as the walker hands it over: (instance ids, records, request sent at)
+#: one list page as ``BillingClient._pages`` yields it: (instance ids, records, request sent at)
 _Page = tuple[list[str], list[Any], datetime]
 
 _LIST_PATH = "/v1/subscriptions"

@@ -147,14 +147,18 @@ def test_ddl_matches_sqlalchemy_tables(engine: Engine) -> None:
     assert unique_event
 
 
-def test_instances_leave_room_for_hot_updates_on_postgresql(engine: Engine) -> None:
+@pytest.mark.postgres
+def test_instances_leave_room_for_hot_updates_on_postgresql(pg_url: str) -> None:
     """fillfactor 90 on PostgreSQL: corrections and credits_used updates stay on their page."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("a PostgreSQL storage parameter")
-    with engine.connect() as conn:
-        options = conn.exec_driver_sql(
-            "SELECT reloptions FROM pg_class WHERE oid = 'instances'::regclass"
-        ).scalar_one()
+    engine = appdb.create_engine_from_url(pg_url)
+    try:
+        init_db(engine)
+        with engine.connect() as conn:
+            options = conn.exec_driver_sql(
+                "SELECT reloptions FROM pg_class WHERE oid = 'instances'::regclass"
+            ).scalar_one()
+    finally:
+        engine.dispose()
     assert options == ["fillfactor=90"]
 
 
