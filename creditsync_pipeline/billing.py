@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 import orjson
 import pandas as pd
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_when_event_set
 from tenacity.wait import wait_exponential, wait_random
 
 __all__ = [
@@ -791,7 +791,9 @@ class BillingClient:
             params: dict[str, Any] = {"limit": self._page_size}
             if cursor is not None:
                 params["cursor"] = cursor
-            response, sent_at = self._send(_LIST_PATH, what, params=params)
+            response, sent_at = self._send(_LIST_PATH, what, params=params, cancel=stop)
+            if stop.is_set():
+                return
             if response.status_code != 200:
                 self._json_body(response, what, single=False)  # raises the right error
             content = response.content
@@ -904,17 +906,27 @@ class BillingClient:
         return response, sent_at
 
     def _send(
-        self, path: str, what: str, params: dict[str, Any] | None = None
+        self,
+        path: str,
+        what: str,
+        params: dict[str, Any] | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> tuple[httpx.Response, datetime]:
-        """GET with retries; returns (response, when the successful attempt was sent)."""
+        """GET with retries; returns (response, when the successful attempt was sent).
+
+        ``cancel`` (the page fetcher's stop signal) cuts a pause between attempts short
+        and ends the retries, so a stopped fetch never waits out a long ``Retry-After``.
+        """
         if self._closed:
             raise BillingError("billing client is closed")
+        stop = stop_after_attempt(self._max_attempts)
         retrying = Retrying(
-            stop=stop_after_attempt(self._max_attempts),
+            stop=stop if cancel is None else stop | stop_when_event_set(cancel),
             wait=self._wait,
             retry=retry_if_exception_type(_Transient),
             before_sleep=lambda state: self._log_retry(what, state),
-            sleep=lambda seconds: self._sleep(seconds),
+            sleep=lambda seconds: self._pause(seconds, cancel),
             reraise=True,
         )
         try:
@@ -926,6 +938,13 @@ class BillingClient:
                 f"billing API unavailable: {what} failed after {self._max_attempts} attempts: {detail}"
                 + (f" ({self._base_url})" if "connection failed" in detail else ""),
             ) from exc.__cause__
+
+    def _pause(self, seconds: float, cancel: threading.Event | None) -> None:
+        """Wait between attempts; a set ``cancel`` ends a real wait at once."""
+        if cancel is not None and self._sleep is time.sleep:
+            cancel.wait(seconds)
+        else:
+            self._sleep(seconds)  # tests swap ``_sleep`` to record the waits
 
     def _json_body(self, response: httpx.Response, what: str, *, single: bool) -> Any:
         """Interpret a non-retryable response: the parsed JSON body, _ABSENT, or an error."""

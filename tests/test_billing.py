@@ -402,6 +402,46 @@ def test_a_failure_while_validating_stops_the_page_fetcher(
     assert not [t for t in threading.enumerate() if t.name == "billing-pages"]
 
 
+def test_a_failed_page_does_not_wait_out_the_fetchers_retry_after(
+    sim: BillingSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Page 1 turns out malformed while the fetcher sleeps on page 2's 429: the sleep is cut short."""
+    from creditsync_pipeline import billing as billing_module
+
+    sim.set_records(many(12))
+    sim.upsert({**rec("x"), "instance_id": ""}, key="inst-00000a")  # page 1
+    sim.add_fault("rate_limit", endpoint="list", after=1, count=None, retry_after=300)
+    pausing = threading.Event()
+    real_pause, real_record_ids = BillingClient._pause, billing_module._record_ids
+
+    def pause(self: BillingClient, seconds: float, cancel: threading.Event | None) -> None:
+        pausing.set()
+        real_pause(self, seconds, cancel)
+
+    def record_ids(data: list) -> list:
+        assert pausing.wait(30), "the fetcher never paused on page 2's 429"
+        return real_record_ids(data)  # page 1's bad record fails the fetch now
+
+    monkeypatch.setattr(BillingClient, "_pause", pause)
+    monkeypatch.setattr(billing_module, "_record_ids", record_ids)
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        with BillingClient(sim.base_url, TOKEN, page_size=4, max_retry_after=300) as client:
+            try:
+                client.fetch_all()
+            except BaseException as exc:  # noqa: BLE001 - inspected below
+                outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)  # a liveness bound, 5x under the Retry-After the fetcher sleeps on
+    assert not worker.is_alive(), "fetch_all waited out the fetcher's Retry-After"
+    (error,) = outcome
+    assert isinstance(error, BillingMalformedError) and "(page 1): unusable record" in str(error)
+    assert not [t for t in threading.enumerate() if t.name == "billing-pages"]
+
+
 def test_persistent_500_mid_list_raises(sim: BillingSimulator, make_client) -> None:
     sim.set_records(many(50))
     sim.add_fault("error", endpoint="list", after=2, count=None)
