@@ -552,7 +552,7 @@ def render(r: dict[str, Any]) -> str:
         "| creditsync fix, stage | seconds |",
         "|---|---:|",
         *(f"| {k} | {v:.2f} |" for k, v in fx["stages_s"].items()),
-        f"| **total** (stages) | **{fx['total_s']:.2f}** |",
+        f"| **total** (wall time of the run; the read overlaps the fetch) | **{fx['total_s']:.2f}** |",
         f"| process wall (incl. interpreter start, imports, JSON output) | {fx['process_wall_s']:.2f} |",
         "",
         "| I/O floor | seconds | |",
