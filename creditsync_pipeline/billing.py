@@ -234,7 +234,7 @@ def _parse_timestamps_each(values: list[Any]) -> tuple[pd.Series, np.ndarray, np
     )
     # Cheap pre-filter ("YYYY-..."): keeps pandas' special strings ("now", "today") out;
     # format="ISO8601" is strict about the rest.
-    shaped = _iso_shaped(values, null)
+    shaped = _iso_shaped(values)
     candidates = values if shaped.all() else [v if ok else None for v, ok in zip(values, shaped.tolist())]
     parsed = pd.Series(
         pd.to_datetime(pd.Series(candidates, dtype=object), utc=True, errors="coerce", format="ISO8601")
@@ -264,17 +264,18 @@ def _parse_timestamps_each(values: list[Any]) -> tuple[pd.Series, np.ndarray, np
     return parsed, null, bad, out_of_range
 
 
-def _iso_shaped(values: list[Any], null: np.ndarray) -> np.ndarray:
+def _iso_shaped(values: list[Any]) -> np.ndarray:
     """``type(v) is str and v[4:5] == "-" and v[:4].isdigit()`` for every value, vectorised.
 
-    The vectorised form runs when every value is a short string or None (the normal
-    case); anything else takes the per-value test.
+    The vectorised form runs when every value is an ASCII string or None (the normal
+    case): it looks at the bytes where each value starts in one joined buffer. Anything
+    else takes the per-value test.
     """
-    present = values if not null.any() else [v for v, none in zip(values, null.tolist()) if not none]
-    if present and set(map(type, present)) == {str}:
-        texts = values if len(present) == len(values) else [v if v is not None else "" for v in values]
+    kinds = set(map(type, values))
+    if str in kinds and kinds <= {str, type(None)}:
+        texts = values if len(kinds) == 1 else [v if v is not None else "" for v in values]
         joined = "".join(texts)
-        if joined.isascii():  # the usual case: look at the bytes where each value starts
+        if joined.isascii():
             n = len(texts)
             lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n)
             starts = np.zeros(n, dtype=np.int64)
@@ -288,11 +289,6 @@ def _iso_shaped(values: list[Any], null: np.ndarray) -> np.ndarray:
             out = np.zeros(n, dtype=bool)
             out[long_enough] = shaped
             return out
-    if present and set(map(type, present)) == {str} and max(map(len, present)) <= 64:
-        head = np.array(values, dtype=object)
-        head[null] = ""
-        head = head.astype("U5")
-        return np.strings.endswith(head, "-") & np.strings.isdigit(head.astype("U4"))
     return np.array([type(v) is str and v[4:5] == "-" and v[:4].isdigit() for v in values], dtype=bool)
 
 
