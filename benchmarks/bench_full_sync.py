@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from creditsync_pipeline import appdb  # noqa: E402
+from creditsync_pipeline.billing import _NO_GUESS, _tail_cursor  # noqa: E402
 from creditsync_pipeline.simulator import SYNTHETIC_PLANS, generate_records  # noqa: E402
 
 DEFAULT_PG_ADMIN_URL = os.environ.get(
@@ -205,9 +206,6 @@ def stop_process(proc: subprocess.Popen[Any] | None) -> None:
 
 # ---------------------------------------------------------------------- I/O floor
 
-_CURSOR_RE = re.compile(rb'"next_cursor":\s*(?:null|"([^"]*)")')
-
-
 def raw_fetch(base_url: str, page_size: int) -> dict[str, Any]:
     """Every list page, bytes only (the cursor is cut out of the tail, nothing parsed)."""
     pages = 0
@@ -222,12 +220,11 @@ def raw_fetch(base_url: str, page_size: int) -> dict[str, Any]:
             body = client.get("/v1/subscriptions", params=params).raise_for_status().content
             pages += 1
             size += len(body)
-            match = _CURSOR_RE.search(body, max(0, len(body) - 200))
-            if match is None:
-                raise RuntimeError("no next_cursor in a page")
-            if match.group(1) is None:
+            cursor = _tail_cursor(body)  # exactly as the client's fetcher thread reads it
+            if cursor is _NO_GUESS:
+                raise RuntimeError("no next_cursor at the end of a page")
+            if cursor is None:
                 break
-            cursor = match.group(1).decode()
     return {"seconds": time.perf_counter() - t0, "pages": pages, "bytes": size}
 
 
