@@ -10,7 +10,7 @@ What it does:
    and seeds N instances with COPY; ``drift`` of them are wrong (half stuck on the
    wrong plan, half with the wrong allowance);
 2. starts the billing simulator in its own process (``python -m
-   creditsync_pipeline.simulator --generate N``) so the server's CPU is not charged
+   creditsync_pipeline.simulators.generic --generate N``) so the server's CPU is not charged
    to the client's GIL;
 3. measures the I/O floor: every billing page fetched raw (one pooled connection,
    no JSON parsing) plus ``COPY instances TO STDOUT``;
@@ -51,8 +51,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from creditsync_pipeline import appdb  # noqa: E402
-from creditsync_pipeline.billing import _NO_GUESS, _tail_cursor  # noqa: E402
-from creditsync_pipeline.simulator import SYNTHETIC_PLANS, generate_records  # noqa: E402
+from creditsync_pipeline.billing.generic import NO_GUESS as _NO_GUESS  # noqa: E402
+from creditsync_pipeline.billing.generic import tail_cursor as _tail_cursor  # noqa: E402
+from creditsync_pipeline.simulators.generic import SYNTHETIC_PLANS, generate_records  # noqa: E402
 
 DEFAULT_PG_ADMIN_URL = os.environ.get(
     "CREDITSYNC_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -179,7 +180,7 @@ def checkpoint(url: str) -> bool:
 def start_simulator(n: int, seed: int, anchor: date) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "BILLING_API_TOKEN": TOKEN}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "creditsync_pipeline.simulator", "--port", "0",
+        [sys.executable, "-m", "creditsync_pipeline.simulators.generic", "--port", "0",
          "--generate", str(n), "--seed", str(seed), "--anchor", anchor.isoformat()],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO,
     )

@@ -52,7 +52,7 @@ import sqlalchemy as sa  # noqa: E402
 
 from creditsync_pipeline import appdb  # noqa: E402
 from creditsync_pipeline.demo import PLANS, write_dagster_home  # noqa: E402
-from creditsync_pipeline.simulator import BillingSimulator  # noqa: E402
+from creditsync_pipeline.simulators.generic import BillingSimulator  # noqa: E402
 
 TOKEN = "bench-token-not-a-secret"
 CREDITS = {p["plan_id"]: p["credits"] for p in PLANS}

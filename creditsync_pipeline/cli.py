@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from . import appdb, settings, sync
-from .billing import BillingClient, BillingError
+from .billing import BillingError
 from .rules import MISMATCH_COLUMNS, RulesError
 
 EXIT_OK = 0
@@ -41,20 +41,10 @@ def _configure_logging(verbose: bool) -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
-def _billing_client(cfg: settings.Settings) -> BillingClient:
-    return BillingClient(
-        cfg.billing_api_url,
-        cfg.require_billing_token(),
-        timeout=cfg.billing_timeout,
-        max_attempts=cfg.billing_max_attempts,
-        page_size=cfg.billing_page_size,
-    )
-
-
 def _run_sync(cfg: settings.Settings, instance_ids: list[str] | None, options: sync.SyncOptions) -> sync.SyncReport:
     engine = appdb.create_engine_from_url(cfg.database_url)
     try:
-        with _billing_client(cfg) as billing:
+        with sync.open_billing(cfg, engine) as billing:
             if instance_ids:
                 return sync.run_targeted_sync(engine, billing, instance_ids, trigger="manual", options=options)
             return sync.run_full_sync(engine, billing, trigger="manual", options=options)

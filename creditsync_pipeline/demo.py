@@ -142,7 +142,7 @@ def write_dagster_home(home: Path) -> None:
 
 def start_simulator(records_file: Path, port: int, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "creditsync_pipeline.simulator", "--port", str(port), "--records", str(records_file)],
+        [sys.executable, "-m", "creditsync_pipeline.simulators.generic", "--port", str(port), "--records", str(records_file)],
         env=env,
     )
     url = f"http://127.0.0.1:{port}"

@@ -37,7 +37,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from . import appdb, rules, sync
-from .billing import BillingAuthError, BillingClient, instance_id_problem
+from .billing import BillingAuthError, BillingProvider, instance_id_problem
 
 CORRECTED = "corrected"
 ALREADY_CORRECT = "already_correct"
@@ -114,6 +114,7 @@ def classify(report: sync.SyncReport, instance_ids: Iterable[str]) -> tuple[dict
     this run's billing data; a fresh fetch settles it.
     """
     unknown = set(report.unknown_instance_ids)
+    unresolved = {str(i): str(s) for i, s in zip(report.unresolved["instance_id"], report.unresolved["status"])}
     applied = {str(i) for i in report.applied["instance_id"]}
     kinds: dict[str, set[str]] = {}
     for iid, kind in zip(report.mismatches["instance_id"], report.mismatches["kind"]):
@@ -122,6 +123,8 @@ def classify(report: sync.SyncReport, instance_ids: Iterable[str]) -> tuple[dict
     again: list[str] = []
     for iid in instance_ids:
         found = kinds.get(iid, set())
+        if iid in unresolved:
+            continue  # billing could not answer for it: not settled (the caller reports why)
         if iid in unknown:
             settled[iid] = UNKNOWN_INSTANCE
         elif iid in applied:
@@ -135,6 +138,14 @@ def classify(report: sync.SyncReport, instance_ids: Iterable[str]) -> tuple[dict
         else:
             settled[iid] = ALREADY_CORRECT
     return settled, again
+
+
+def _unresolved_errors(report: sync.SyncReport) -> dict[str, str]:
+    """instance id -> why billing could not answer for it (left alone, retried later)."""
+    return {
+        str(r.instance_id): f"billing could not answer for it ({r.status}): {r.reason}"
+        for r in report.unresolved.itertuples(index=False)
+    }
 
 
 @dataclass
@@ -153,7 +164,7 @@ class InstanceResults:
 
 def sync_instances(
     engine: Engine,
-    billing: BillingClient,
+    billing: BillingProvider,
     instance_ids: Sequence[str],
     *,
     trigger: str,
@@ -192,6 +203,7 @@ def sync_instances(
         results.reports.append(report)
         settled, pending = classify(report, pending)
         results.outcomes.update(settled)
+        results.errors.update(_unresolved_errors(report))
     for iid in pending:
         results.errors[iid] = "changed by another writer during every attempt (compare-and-set); retried later"
     return results
@@ -199,7 +211,7 @@ def sync_instances(
 
 def _one_by_one(
     engine: Engine,
-    billing: BillingClient,
+    billing: BillingProvider,
     ids: list[str],
     results: InstanceResults,
     *,
@@ -226,6 +238,7 @@ def _one_by_one(
         results.reports.append(report)
         settled, retry = classify(report, [iid])
         results.outcomes.update(settled)
+        results.errors.update(_unresolved_errors(report))
         again.extend(retry)
     return again
 
@@ -262,7 +275,7 @@ class BatchResult:
 
 def run_batch(
     engine: Engine,
-    billing: BillingClient,
+    billing: BillingProvider,
     *,
     instance_ids: Sequence[str] = (),
     webhook_event_ids: Sequence[int] = (),

@@ -17,6 +17,7 @@ Output: a :class:`Decision` with every mismatch, the corrections to apply
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -211,6 +212,7 @@ def decide(
     total_instances: int,
     scope: Scope = "full",
     guardrails: Guardrails = Guardrails(),
+    left_alone: Collection[str] = (),
 ) -> Decision:
     """Turn billing records and app rows into mismatches and corrections.
 
@@ -219,7 +221,9 @@ def decide(
     record in a *complete* fetch is entitled to nothing and belongs on the free
     plan. ``absent_basis_at`` is when that absence was observed (the start of
     the fetch). ``total_instances`` is the size of the whole table, the base of
-    the mass-change guard.
+    the mass-change guard. ``left_alone`` names instances billing could not answer for
+    (failed look-ups, removed or unlinked instances): never written, never reported as
+    mismatches (the report lists them on their own).
 
     Mismatches come grouped by kind (``invalid_record``, ``missing_instance``,
     ``unknown_plan``, ``wrong_plan``, ``wrong_credits``), each ordered by
@@ -337,6 +341,8 @@ def decide(
     exp_credits = plan_credits[np.maximum(exp_code, 0)] if n else np.zeros(0, dtype=np.int64)
     credits_total = inst_credits_raw.astype("int64").to_numpy()
     in_scope = ~is_invalid
+    if len(left_alone) and n:
+        in_scope &= ~pd.Index(inst_ids, dtype=object).isin(list(left_alone))
     wrong_plan = in_scope & ~unknown & (inst_code != exp_code)
     wrong_credits = in_scope & ~unknown & ~wrong_plan & (credits_total != exp_credits)
     unknown &= in_scope

@@ -1,18 +1,32 @@
 """Settings read from the environment, in one place.
 
-Every other module takes explicit arguments; only the entry points (CLI,
-Dagster resources, HTTP app) read the environment, through this module.
+Every other module takes explicit arguments; only the entry points (CLI, Dagster
+resources, HTTP app) read the environment, through :func:`from_env`. ``BILLING_PROVIDER``
+and each provider's settings are read here and nowhere else; :mod:`.sync` turns them into a
+provider (``sync.open_billing``) for every entry point.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_DATABASE_URL = "sqlite:///creditsync.db"
 DEFAULT_BILLING_API_URL = "http://127.0.0.1:8765"
 DEFAULT_MAX_CHANGE_RATIO = 0.10
+DEFAULT_MAX_PAID_DOWNGRADE_RATIO = 0.10
 DEFAULT_SYNC_RATE_LIMIT = 3  # manual syncs per instance per minute (``creditsync serve``)
+DEFAULT_WIX_API_BASE = "https://www.wixapis.com"
+DEFAULT_WIX_CONCURRENCY = 16
+DEFAULT_STRIPE_API_BASE = "https://api.stripe.com"
+DEFAULT_STRIPE_METADATA_KEY = "instance_id"
+
+#: the values of ``BILLING_PROVIDER``
+PROVIDERS = ("generic", "wix", "stripe")
 
 
 class SettingsError(Exception):
@@ -27,16 +41,57 @@ class Secret(str):
 
 
 @dataclass(frozen=True)
+class WixSettings:
+    """``BILLING_PROVIDER=wix``: the app's OAuth credentials and the webhook public key."""
+
+    app_id: str = ""
+    app_secret: Secret = field(default=Secret(""), repr=False)
+    api_base: str = DEFAULT_WIX_API_BASE
+    #: PEM text of the app's webhook public key (``WIX_WEBHOOK_PUBLIC_KEY``: the text or a file path)
+    webhook_public_key: str = field(default="", repr=False)
+    concurrency: int = DEFAULT_WIX_CONCURRENCY
+
+    def require_credentials(self) -> tuple[str, str]:
+        if not self.app_id.strip():
+            raise SettingsError("WIX_APP_ID is not set (BILLING_PROVIDER=wix)")
+        if not self.app_secret:
+            raise SettingsError("WIX_APP_SECRET is not set (BILLING_PROVIDER=wix)")
+        return self.app_id.strip(), str(self.app_secret)
+
+
+@dataclass(frozen=True)
+class StripeSettings:
+    """``BILLING_PROVIDER=stripe``: the API key, where the instance id lives, the webhook secret."""
+
+    api_key: Secret = field(default=Secret(""), repr=False)
+    api_base: str = DEFAULT_STRIPE_API_BASE
+    instance_metadata_key: str = DEFAULT_STRIPE_METADATA_KEY
+    webhook_secret: Secret = field(default=Secret(""), repr=False)
+
+    def require_api_key(self) -> str:
+        if not self.api_key:
+            raise SettingsError("STRIPE_API_KEY is not set (BILLING_PROVIDER=stripe)")
+        return str(self.api_key)
+
+
+@dataclass(frozen=True)
 class Settings:
     """What creditsync needs to run; built by :func:`from_env`."""
 
     database_url: str = DEFAULT_DATABASE_URL
+    #: ``BILLING_PROVIDER``: generic (the SPEC Billing API), wix or stripe
+    billing_provider: str = "generic"
     billing_api_url: str = DEFAULT_BILLING_API_URL
     billing_api_token: Secret = field(default=Secret(""), repr=False)
+    #: ``CREDITSYNC_PLAN_MAP``: provider plan identifier -> plans.plan_id
+    plan_map: Mapping[str, str] = field(default_factory=dict)
+    wix: WixSettings = field(default_factory=WixSettings)
+    stripe: StripeSettings = field(default_factory=StripeSettings)
     app_secret: Secret = field(default=Secret(""), repr=False)
     webhook_secret: Secret = field(default=Secret(""), repr=False)
     sync_rate_limit: int = DEFAULT_SYNC_RATE_LIMIT
     max_change_ratio: float = DEFAULT_MAX_CHANGE_RATIO
+    max_paid_downgrade_ratio: float = DEFAULT_MAX_PAID_DOWNGRADE_RATIO
     billing_timeout: float = 30.0
     billing_max_attempts: int = 5
     billing_page_size: int = 1000
@@ -46,8 +101,16 @@ class Settings:
             raise SettingsError("BILLING_API_TOKEN is not set")
         return str(self.billing_api_token)
 
+    def secrets(self) -> list[str]:
+        """Every secret value set (for defensive masking of text that leaves the process)."""
+        values = [
+            self.billing_api_token, self.app_secret, self.webhook_secret,
+            self.wix.app_secret, self.stripe.api_key, self.stripe.webhook_secret,
+        ]
+        return [str(v) for v in values if v and len(str(v)) >= 4]
 
-def _float(env: dict[str, str], name: str, default: float) -> float:
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw in (None, ""):
         return default
@@ -57,7 +120,7 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
 
 
-def _int(env: dict[str, str], name: str, default: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw in (None, ""):
         return default
@@ -67,24 +130,96 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
 
 
-def from_env(env: dict[str, str] | None = None) -> Settings:
+def _ratio(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if not 0.0 <= value <= 1.0:
+        raise SettingsError(f"{name} must be between 0 and 1, got {value}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, default: str) -> str:
+    """An absolute http(s) URL; the value is never echoed (it may carry a password)."""
+    raw = (env.get(name) or "").strip() or default
+    try:
+        parts = urlsplit(raw)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SettingsError(f"{name} must be an absolute http(s) URL such as https://billing.example.com")
+    return raw
+
+
+def _text_or_file(env: Mapping[str, str], name: str) -> str:
+    """A setting given as its text or as the path of a file holding it."""
+    raw = (env.get(name) or "").strip()
+    if not raw or raw.startswith(("-----BEGIN", "{")):
+        return raw
+    path = Path(raw).expanduser()
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise SettingsError(f"{name}: cannot read {path}: {reason}") from None
+
+
+def _plan_map(env: Mapping[str, str]) -> dict[str, str]:
+    text = _text_or_file(env, "CREDITSYNC_PLAN_MAP")
+    if not text:
+        return {}
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise SettingsError(f"CREDITSYNC_PLAN_MAP is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in doc.items()):
+        raise SettingsError('CREDITSYNC_PLAN_MAP must be a JSON object of strings, e.g. {"price_pro_monthly": "pro"}')
+    return dict(doc)
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``os.environ`` (or the mapping given)."""
     env = dict(os.environ if env is None else env)
-    ratio = _float(env, "CREDITSYNC_MAX_CHANGE_RATIO", DEFAULT_MAX_CHANGE_RATIO)
-    if not 0.0 <= ratio <= 1.0:
-        raise SettingsError(f"CREDITSYNC_MAX_CHANGE_RATIO must be between 0 and 1, got {ratio}")
+    provider = (env.get("BILLING_PROVIDER") or "generic").strip().lower()
+    if provider not in PROVIDERS:
+        raise SettingsError(f"BILLING_PROVIDER must be one of {', '.join(PROVIDERS)}, got {provider!r}")
     rate_limit = _int(env, "CREDITSYNC_SYNC_RATE_LIMIT", DEFAULT_SYNC_RATE_LIMIT)
     if rate_limit < 1:
         raise SettingsError(f"CREDITSYNC_SYNC_RATE_LIMIT must be at least 1, got {rate_limit}")
+    page_size = _int(env, "BILLING_API_PAGE_SIZE", 1000)
+    if not 1 <= page_size <= 1000:
+        raise SettingsError(f"BILLING_API_PAGE_SIZE must be between 1 and 1000, got {page_size}")
+    wix_concurrency = _int(env, "WIX_CONCURRENCY", DEFAULT_WIX_CONCURRENCY)
+    if not 1 <= wix_concurrency <= 256:
+        raise SettingsError(f"WIX_CONCURRENCY must be between 1 and 256, got {wix_concurrency}")
+    metadata_key = (env.get("STRIPE_INSTANCE_METADATA_KEY") or DEFAULT_STRIPE_METADATA_KEY).strip()
+    if not 1 <= len(metadata_key) <= 40:
+        raise SettingsError("STRIPE_INSTANCE_METADATA_KEY must be 1 to 40 characters (Stripe's metadata key limit)")
     return Settings(
         database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
-        billing_api_url=env.get("BILLING_API_URL") or DEFAULT_BILLING_API_URL,
+        billing_provider=provider,
+        billing_api_url=_url(env, "BILLING_API_URL", DEFAULT_BILLING_API_URL),
         billing_api_token=Secret(env.get("BILLING_API_TOKEN", "")),
+        plan_map=_plan_map(env),
+        wix=WixSettings(
+            app_id=env.get("WIX_APP_ID", ""),
+            app_secret=Secret(env.get("WIX_APP_SECRET", "")),
+            api_base=_url(env, "WIX_API_BASE", DEFAULT_WIX_API_BASE),
+            webhook_public_key=_text_or_file(env, "WIX_WEBHOOK_PUBLIC_KEY"),
+            concurrency=wix_concurrency,
+        ),
+        stripe=StripeSettings(
+            api_key=Secret(env.get("STRIPE_API_KEY", "")),
+            api_base=_url(env, "STRIPE_API_BASE", DEFAULT_STRIPE_API_BASE),
+            instance_metadata_key=metadata_key,
+            webhook_secret=Secret(env.get("STRIPE_WEBHOOK_SECRET", "")),
+        ),
         app_secret=Secret(env.get("CREDITSYNC_APP_SECRET", "")),
         webhook_secret=Secret(env.get("CREDITSYNC_WEBHOOK_SECRET", "")),
         sync_rate_limit=rate_limit,
-        max_change_ratio=ratio,
+        max_change_ratio=_ratio(env, "CREDITSYNC_MAX_CHANGE_RATIO", DEFAULT_MAX_CHANGE_RATIO),
+        max_paid_downgrade_ratio=_ratio(env, "CREDITSYNC_MAX_PAID_DOWNGRADE_RATIO", DEFAULT_MAX_PAID_DOWNGRADE_RATIO),
         billing_timeout=_float(env, "BILLING_API_TIMEOUT", 30.0),
         billing_max_attempts=_int(env, "BILLING_API_MAX_ATTEMPTS", 5),
-        billing_page_size=_int(env, "BILLING_API_PAGE_SIZE", 1000),
+        billing_page_size=page_size,
     )

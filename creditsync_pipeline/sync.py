@@ -31,13 +31,16 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Engine
 
-from . import appdb, rules
-from .billing import BillingClient, BillingSnapshot
+from . import appdb, rules, settings
+from .billing import BillingProvider, BillingSnapshot, provider_from_settings
+from .billing.base import UNRESOLVED_COLUMNS, empty_unresolved
 from .rules import CORRECTION_COLUMNS, KINDS, MISMATCH_COLUMNS, Decision, Guardrails, Scope
 
 logger = logging.getLogger("creditsync")
 
 TRIGGERS = ("periodic", "manual", "webhook", "provisioning")
+#: left-alone instances listed one by one in a report's summary (all of them are in ``unresolved``)
+UNRESOLVED_LISTED = 100
 
 
 class Log(Protocol):
@@ -93,6 +96,16 @@ class SyncReport:
     remaining: pd.DataFrame = field(default_factory=lambda: rules._empty(CORRECTION_COLUMNS))
     #: requested ids (targeted runs) that have no row in ``instances``
     unknown_instance_ids: list[str] = field(default_factory=list)
+    #: instances billing could not answer for (``UNRESOLVED_COLUMNS``): left alone
+    unresolved: pd.DataFrame = field(default_factory=empty_unresolved)
+    #: billing records that belong to no instance (Stripe subscriptions without one)
+    unassigned: int = 0
+    #: per-instance look-ups made (providers without a list, targeted runs)
+    lookups: int = 0
+    provider: str = "generic"
+    #: things that went wrong after the commit (the verify re-read, say): the run still
+    #: reports what it committed
+    warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -122,8 +135,21 @@ class SyncReport:
             "remaining": int(len(self.remaining)),
             "refused": self.refused,
             "unknown_instance_ids": list(self.unknown_instance_ids),
+            "provider": self.provider,
+            "lookups": self.lookups,
+            "unresolved": self.unresolved_counts(),
+            "unresolved_instances": [
+                {"instance_id": str(r.instance_id), "status": str(r.status), "reason": str(r.reason)}
+                for r in self.unresolved.head(UNRESOLVED_LISTED).itertuples(index=False)
+            ],
+            "unassigned_records": self.unassigned,
+            "warnings": list(self.warnings),
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
+
+    def unresolved_counts(self) -> dict[str, int]:
+        """Left-alone instances per status (``unavailable``, ``error``, ``removed``, ``unlinked``)."""
+        return {str(k): int(v) for k, v in self.unresolved["status"].value_counts().items()}
 
 
 class SyncRefused(Exception):
@@ -142,22 +168,66 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
+class AppDbCustomerLinks:
+    """A provider's remembered instance <-> customer links, kept in the app database."""
+
+    def __init__(self, engine: Engine, provider: str) -> None:
+        self.engine = engine
+        self.provider = provider
+
+    def customers_of(self, instance_ids: Iterable[str]) -> dict[str, str]:
+        return appdb.customer_links_for(self.engine, self.provider, list(instance_ids))
+
+    def instances_of(self, customer_ids: Iterable[str]) -> dict[str, list[str]]:
+        return appdb.instances_for_customers(self.engine, self.provider, list(customer_ids))
+
+    def remember(self, links: dict[str, str]) -> None:
+        if links:
+            appdb.remember_customer_links(self.engine, self.provider, links)
+
+
+def open_billing(
+    cfg: settings.Settings, engine: Engine | None = None, *, interactive: bool = False
+) -> BillingProvider:
+    """The billing provider ``BILLING_PROVIDER`` selects, for every entry point.
+
+    ``engine`` (the app database) keeps a provider's remembered customer links;
+    ``interactive`` gives it the budget of a person waiting on a button.
+    """
+    links = AppDbCustomerLinks(engine, cfg.billing_provider) if engine is not None else None
+    return provider_from_settings(cfg, interactive=interactive, links=links)
+
+
 # --- the stages ------------------------------------------------------------
 
 
-def fetch_billing(billing: BillingClient) -> BillingSnapshot:
-    """Every billing record (all pages); raises on an incomplete list."""
-    return billing.fetch_all()
+def fetch_billing(
+    billing: BillingProvider, engine: Engine, *, plans: pd.DataFrame | None = None, state: AppState | None = None
+) -> BillingSnapshot:
+    """Every billing record; raises on an incomplete list.
+
+    A provider without a list of its own (``lists_all`` False: Wix) looks up every
+    instance of ``state`` (or of the app database, read now).
+    """
+    if plans is None:
+        plans = state.plans if state is not None else appdb.load_plans(engine)
+    plan_ids = [str(p) for p in plans["plan_id"]]
+    if billing.lists_all:
+        return billing.fetch_all(plan_ids=plan_ids)
+    instances = state.instances if state is not None else appdb.read_instances(engine, ordered=False)
+    return billing.fetch_all([str(i) for i in instances["instance_id"]], plan_ids=plan_ids)
 
 
-def fetch_billing_for(billing: BillingClient, instance_ids: Iterable[str]) -> BillingSnapshot:
-    """The records of the named instances, one GET each (404 = none)."""
-    return billing.fetch_instances(instance_ids)
+def fetch_billing_for(
+    billing: BillingProvider, instance_ids: Iterable[str], *, plan_ids: Iterable[str] = ()
+) -> BillingSnapshot:
+    """The records of the named instances, one look-up each."""
+    return billing.fetch_instances(instance_ids, plan_ids=list(plan_ids))
 
 
-def read_state(engine: Engine, instance_ids: Iterable[str] | None = None) -> AppState:
+def read_state(engine: Engine, instance_ids: Iterable[str] | None = None, *, plans: pd.DataFrame | None = None) -> AppState:
     """Plans and the instance rows in scope (all, or the named ones)."""
-    plans = appdb.load_plans(engine)
+    plans = appdb.load_plans(engine) if plans is None else plans
     # The rules order their output themselves: a full read skips the ORDER BY (a sort of the table).
     instances = appdb.read_instances(
         engine, None if instance_ids is None else list(instance_ids), ordered=instance_ids is not None
@@ -181,7 +251,21 @@ def decide(
         total_instances=state.total_instances,
         scope=scope,
         guardrails=options.guardrails,
+        left_alone=left_alone(snapshot, state),
     )
+
+
+def left_alone(snapshot: BillingSnapshot, state: AppState) -> list[str]:
+    """Instances in scope that billing could not answer for (never written, reported).
+
+    The unresolved look-ups, and -- for a provider that looks every instance up (Wix) --
+    the rows that were not looked up (created after the look-ups began).
+    """
+    ids = [str(i) for i in snapshot.unresolved["instance_id"]]
+    if snapshot.looked_up is not None:
+        covered = snapshot.looked_up
+        ids.extend(str(i) for i in state.instances["instance_id"] if i not in covered)
+    return ids
 
 
 def apply(
@@ -274,6 +358,10 @@ def build_report(
         skipped_stale=int(len(decision.stale)),
         refused=decision.refusal,
         unknown_instance_ids=unknown,
+        unresolved=snapshot.unresolved.reset_index(drop=True),
+        unassigned=snapshot.unassigned,
+        lookups=snapshot.lookups,
+        provider=snapshot.provider,
     )
 
 
@@ -342,17 +430,55 @@ class _Stage:
 # --- whole runs --------------------------------------------------------------
 
 
+def _gather(
+    engine: Engine, billing: BillingProvider, instance_ids: list[str] | None, timer: _Timer
+) -> tuple[BillingSnapshot, AppState]:
+    """Billing's side and the app's side of one run (timed as ``fetch`` and ``read``)."""
+    plans = appdb.load_plans(engine)
+    plan_ids = [str(p) for p in plans["plan_id"]]
+    if instance_ids is not None:
+        with timer.stage("fetch"):
+            snapshot = fetch_billing_for(billing, instance_ids, plan_ids=plan_ids)
+        with timer.stage("read"):
+            state = read_state(engine, instance_ids, plans=plans)
+        return snapshot, state
+    if not billing.lists_all:  # every instance is looked up: the rows first
+        with timer.stage("read"):
+            state = read_state(engine, plans=plans)
+        with timer.stage("fetch"):
+            snapshot = fetch_billing(billing, engine, state=state)
+        return snapshot, state
+    if not appdb.shares_data_across_connections(engine):  # in-memory SQLite: one connection
+        with timer.stage("fetch"):
+            snapshot = fetch_billing(billing, engine, plans=plans)
+        with timer.stage("read"):
+            state = read_state(engine, plans=plans)
+        return snapshot, state
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="creditsync-read") as pool:
+        # The read waits on the database while the fetch waits on billing; the
+        # "read" stage is then only the part of it the fetch did not hide.
+        reading = pool.submit(read_state, engine, plans=plans)
+        with timer.stage("fetch"):
+            try:
+                snapshot = fetch_billing(billing, engine, plans=plans)
+            except BaseException:
+                reading.cancel()
+                raise
+        with timer.stage("read"):
+            state = reading.result()
+    return snapshot, state
+
+
 def _run(
     engine: Engine,
-    fetch: Callable[[], BillingSnapshot],
-    read: Callable[[], AppState],
+    billing: BillingProvider,
+    instance_ids: list[str] | None,
     *,
     trigger: str,
     run_id: str | None,
     options: SyncOptions,
     log: Log | None,
     clock: Callable[[], datetime],
-    overlap_read: bool = False,
 ) -> SyncReport:
     log = log or logger
     run_id = run_id or new_run_id()
@@ -360,19 +486,7 @@ def _run(
     started = time.perf_counter()
     log.info("[CreditSync] Running credit sync task...")
     with reporting_errors(log):
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="creditsync-read") as pool:
-            # The read waits on the database while the fetch waits on billing; the
-            # "read" stage is then only the part of it the fetch did not hide.
-            reading = pool.submit(read) if overlap_read else None
-            with timer.stage("fetch"):
-                try:
-                    snapshot = fetch()
-                except BaseException:
-                    if reading is not None:
-                        reading.cancel()
-                    raise
-            with timer.stage("read"):
-                state = reading.result() if reading is not None else read()
+        snapshot, state = _gather(engine, billing, instance_ids, timer)
         with timer.stage("diff"):
             decision = decide(snapshot, state, options=options, now=clock())
         with timer.stage("write"):
@@ -391,7 +505,7 @@ def _run(
 
 def run_full_sync(
     engine: Engine,
-    billing: BillingClient,
+    billing: BillingProvider,
     *,
     trigger: str = "manual",
     run_id: str | None = None,
@@ -399,19 +513,13 @@ def run_full_sync(
     log: Log | None = None,
     clock: Callable[[], datetime] = utcnow,
 ) -> SyncReport:
-    """Reconcile every instance against the complete billing list."""
-    return _run(
-        engine,
-        lambda: fetch_billing(billing),
-        lambda: read_state(engine),
-        trigger=trigger, run_id=run_id, options=options, log=log, clock=clock,
-        overlap_read=appdb.shares_data_across_connections(engine),
-    )
+    """Reconcile every instance against everything billing says."""
+    return _run(engine, billing, None, trigger=trigger, run_id=run_id, options=options, log=log, clock=clock)
 
 
 def run_targeted_sync(
     engine: Engine,
-    billing: BillingClient,
+    billing: BillingProvider,
     instance_ids: Iterable[str],
     *,
     trigger: str = "manual",
@@ -420,14 +528,11 @@ def run_targeted_sync(
     log: Log | None = None,
     clock: Callable[[], datetime] = utcnow,
 ) -> SyncReport:
-    """Reconcile the named instances, each fetched on its own from billing."""
+    """Reconcile the named instances, each looked up on its own in billing."""
+    if isinstance(instance_ids, str):
+        raise TypeError("instance_ids must be an iterable of ids, not a single string")
     ids = list(dict.fromkeys(instance_ids))
-    return _run(
-        engine,
-        lambda: fetch_billing_for(billing, ids),
-        lambda: read_state(engine, ids),
-        trigger=trigger, run_id=run_id, options=options, log=log, clock=clock,
-    )
+    return _run(engine, billing, ids, trigger=trigger, run_id=run_id, options=options, log=log, clock=clock)
 
 
 @contextmanager

@@ -14,18 +14,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from creditsync_pipeline.billing import (
+from creditsync_pipeline.billing.records import (
     _STATUS_SET,
     _TS_DTYPE,
     _TS_MAX,
     _TS_MAX_PY,
     _TS_MIN,
     _TS_MIN_PY,
-    _empty_invalid,
-    _empty_records,
     _observed_column,
-    _short,
 )
+from creditsync_pipeline.billing.records import empty_invalid as _empty_invalid
+from creditsync_pipeline.billing.records import empty_records as _empty_records
+from creditsync_pipeline.billing.records import short_repr as _short
 
 
 def _parse_timestamps(values: list[Any]) -> tuple[pd.Series, np.ndarray, np.ndarray, np.ndarray]:

@@ -27,9 +27,9 @@ from creditsync_pipeline.billing import (
     BillingMalformedError,
     BillingSnapshot,
     BillingUnavailableError,
-    _parse_retry_after,
 )
-from creditsync_pipeline.simulator import BillingSimulator
+from creditsync_pipeline.billing.http import parse_retry_after as _parse_retry_after
+from creditsync_pipeline.simulators.generic import BillingSimulator
 
 TOKEN = "tok-SECRET-9d2c71f0"
 ODD_IDS = [
@@ -338,7 +338,7 @@ def test_500_then_success(sim: BillingSimulator, make_client, sleeps) -> None:
 
 
 def test_the_fetcher_stops_a_few_pages_past_a_bad_one(sim: BillingSimulator, make_client) -> None:
-    from creditsync_pipeline.billing import _PREFETCH_PAGES
+    from creditsync_pipeline.billing.generic import _PREFETCH_PAGES
 
     sim.set_records(many(80))  # 20 pages of 4
     sim.upsert({**rec("x"), "instance_id": ""}, key="inst-00005a")  # page 2
@@ -386,7 +386,7 @@ def test_pages_follow_the_parsed_cursor_whatever_the_key_order(make_client, layo
 def test_a_failure_while_validating_stops_the_page_fetcher(
     sim: BillingSimulator, make_client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from creditsync_pipeline import billing as billing_module
+    from creditsync_pipeline.billing import generic as billing_module
 
     sim.set_records(many(400))  # 100 pages of 4
 
@@ -394,7 +394,7 @@ def test_a_failure_while_validating_stops_the_page_fetcher(
         raise RuntimeError("validation blew up")
 
     monkeypatch.setattr(billing_module, "_VALIDATE_BATCH", 8)
-    monkeypatch.setattr(billing_module, "_validate_fields", explode)
+    monkeypatch.setattr(billing_module, "validate_fields", explode)
     with pytest.raises(RuntimeError, match="validation blew up"):
         make_client(page_size=4).fetch_all()
     # Two pages validated, a few more prefetched at most; then the fetcher is gone.
@@ -406,15 +406,16 @@ def test_a_failed_page_does_not_wait_out_the_fetchers_retry_after(
     sim: BillingSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Page 1 turns out malformed while the fetcher sleeps on page 2's 429: the sleep is cut short."""
-    from creditsync_pipeline import billing as billing_module
+    from creditsync_pipeline.billing import generic as billing_module
+    from creditsync_pipeline.billing.http import HttpApi
 
     sim.set_records(many(12))
     sim.upsert({**rec("x"), "instance_id": ""}, key="inst-00000a")  # page 1
     sim.add_fault("rate_limit", endpoint="list", after=1, count=None, retry_after=300)
     pausing = threading.Event()
-    real_pause, real_record_ids = BillingClient._pause, billing_module._record_ids
+    real_pause, real_record_ids = HttpApi._pause, billing_module.record_ids
 
-    def pause(self: BillingClient, seconds: float, cancel: threading.Event | None) -> None:
+    def pause(self: HttpApi, seconds: float, cancel: threading.Event | None) -> None:
         pausing.set()
         real_pause(self, seconds, cancel)
 
@@ -422,8 +423,8 @@ def test_a_failed_page_does_not_wait_out_the_fetchers_retry_after(
         assert pausing.wait(30), "the fetcher never paused on page 2's 429"
         return real_record_ids(data)  # page 1's bad record fails the fetch now
 
-    monkeypatch.setattr(BillingClient, "_pause", pause)
-    monkeypatch.setattr(billing_module, "_record_ids", record_ids)
+    monkeypatch.setattr(HttpApi, "_pause", pause)
+    monkeypatch.setattr(billing_module, "record_ids", record_ids)
     outcome: list[BaseException] = []
 
     def run() -> None:
@@ -632,24 +633,51 @@ def test_fetch_instances_record_for_another_instance(sim: BillingSimulator, make
     assert reasons["ok"] == "unknown status 'paused'"
 
 
-def test_fetch_instances_unusable_record_is_malformed(sim: BillingSimulator, make_client) -> None:
+def unresolved(snap: BillingSnapshot) -> dict[str, tuple[str, str]]:
+    return {str(r.instance_id): (str(r.status), str(r.reason)) for r in snap.unresolved.itertuples(index=False)}
+
+
+def test_an_unusable_answer_leaves_only_that_instance_alone(sim: BillingSimulator, make_client) -> None:
+    sim.set_records([rec("ok")])
     sim.upsert({"plan_id": "pro", "status": "active"}, key="x")
-    with pytest.raises(BillingMalformedError, match="missing instance_id"):
-        make_client().fetch_instances(["x"])
+    snap = make_client().fetch_instances(["x", "ok"])
+    assert snap.records["instance_id"].tolist() == ["ok"]
+    status, reason = unresolved(snap)["x"]
+    assert status == "error" and "missing instance_id" in reason
     sim.add_fault("bad_shape", endpoint="one")
-    with pytest.raises(BillingMalformedError, match="expected a record object, got array"):
-        make_client().fetch_instances(["y"])
+    status, reason = unresolved(make_client().fetch_instances(["y"]))["y"]
+    assert status == "error" and "expected a record object, got array" in reason
 
 
-def test_non_json_404_is_malformed(sim: BillingSimulator, make_client) -> None:
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        ("<html><body>Not Found</body></html>", "text/html"),  # a web server's page
+        ('{"detail": "Not Found"}', "application/json"),  # a framework's 404 during a deploy
+        ('{"message": "no Route matched with those values"}', "application/json"),  # a gateway's
+        ('{"error": "not_found"}', "application/json"),  # another code
+        ("{}", "application/json"),
+    ],
+)
+def test_only_subscription_not_found_means_no_subscription(make_client, body: str, content_type: str) -> None:
+    """SPEC "Billing API": any other 404 is an error -- the instance is left alone, never sent to free."""
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(404, content=body.encode(), headers={"Content-Type": content_type})
+    )
+    snap = make_client(base_url="https://billing.example", transport=transport).fetch_instances(["a", "b"])
+    assert snap.records.empty
+    assert {i: s for i, (s, _) in unresolved(snap).items()} == {"a": "error", "b": "error"}
+    assert "HTTP 404 without" in unresolved(snap)["a"][1]
+    ok = httpx.MockTransport(lambda request: httpx.Response(404, json={"error": "subscription_not_found"}))
+    snap = make_client(base_url="https://billing.example", transport=ok).fetch_instances(["a"])
+    assert snap.records.empty and snap.unresolved.empty  # absent: no subscription at all
+
+
+def test_a_wrong_base_url_is_never_no_subscription(sim: BillingSimulator, make_client) -> None:
     # A wrong base URL: the server's HTML 404 must never read as "no subscription".
-    client = make_client(base_url=sim.base_url + "/typo")
-    with pytest.raises(BillingMalformedError) as info:
-        client.fetch_instances(["a"])
-    assert "non-JSON HTTP 404" in str(info.value)
-    transport = httpx.MockTransport(lambda request: httpx.Response(404, text="Not Found"))
-    with pytest.raises(BillingMalformedError):
-        make_client(base_url="https://billing.example", transport=transport).fetch_instances(["a"])
+    snap = make_client(base_url=sim.base_url + "/typo").fetch_instances(["a"])
+    status, reason = unresolved(snap)["a"]
+    assert status == "error" and "is BILLING_API_URL right?" in reason
 
 
 def test_fetch_instances_faults_are_retried(sim: BillingSimulator, make_client) -> None:
@@ -663,11 +691,25 @@ def test_fetch_instances_faults_are_retried(sim: BillingSimulator, make_client) 
     assert sim.request_count("one") == 9
 
 
-def test_fetch_instances_persistent_failure_raises(sim: BillingSimulator, make_client) -> None:
+def test_fetch_instances_persistent_failure_leaves_those_instances_alone(sim: BillingSimulator, make_client) -> None:
     sim.set_records([rec(f"i{n}") for n in range(8)])
     sim.add_fault("error", endpoint="one", after=3, count=None)
-    with pytest.raises(BillingUnavailableError, match=r"GET /v1/subscriptions/\{id\} \(instance 'i\d'\)"):
-        make_client(concurrency=2, max_attempts=2).fetch_instances([f"i{n}" for n in range(8)])
+    snap = make_client(concurrency=1, max_attempts=2).fetch_instances([f"i{n}" for n in range(8)])
+    assert snap.records["instance_id"].tolist() == ["i0", "i1", "i2"]
+    failed = unresolved(snap)
+    assert sorted(failed) == [f"i{n}" for n in range(3, 8)]
+    assert {s for s, _ in failed.values()} == {"unavailable"}
+    assert "GET /v1/subscriptions/{id} (instance 'i3') failed after 2 attempts" in failed["i3"][1]
+
+
+def test_billing_down_for_every_look_up_raises(sim: BillingSimulator, make_client) -> None:
+    sim.add_fault("error", endpoint="one", count=None)
+    with pytest.raises(BillingUnavailableError, match=r"GET /v1/subscriptions/\{id\} \(instance 'a'\)"):
+        make_client(max_attempts=2).fetch_instances(["a"])  # one look-up, no answer at all
+    sim.reset_counts()
+    with pytest.raises(BillingUnavailableError, match="look-ups in a row failed"):
+        make_client(concurrency=2, max_attempts=1).fetch_instances([f"i{n}" for n in range(50)])
+    assert sim.request_count("one") < 20  # the breaker stops the rest
 
 
 def test_fetch_instances_concurrency_is_bounded(make_client) -> None:
@@ -731,6 +773,7 @@ def test_any_id_round_trips(shared_sim: BillingSimulator, instance_id: str) -> N
 def test_token_never_leaks(sim: BillingSimulator, make_client, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     errors: list[BaseException] = []
+    reasons: list[tuple[str, str]] = []
     client = make_client(max_attempts=2)
     scenarios: list[tuple[str, dict]] = [
         ("error", {"count": None}),
@@ -742,18 +785,21 @@ def test_token_never_leaks(sim: BillingSimulator, make_client, caplog) -> None:
     for kind, kwargs in scenarios:
         sim.clear_faults()
         sim.add_fault(kind, **kwargs)
-        for call in (client.fetch_all, lambda: client.fetch_instances(["a"])):
-            with pytest.raises(BillingError) as info:
-                call()
-            errors.append(info.value)
+        with pytest.raises(BillingError) as info:
+            client.fetch_all()
+        errors.append(info.value)
+        try:
+            reasons.extend(unresolved(client.fetch_instances(["a"])).values())
+        except BillingError as exc:
+            errors.append(exc)
     sim.clear_faults()
-    with pytest.raises(BillingMalformedError) as info:
-        make_client(base_url=sim.base_url + "/nope").fetch_instances(["a"])
-    errors.append(info.value)
-    assert len(errors) == 11
+    reasons.extend(unresolved(make_client(base_url=sim.base_url + "/nope").fetch_instances(["a"])).values())
+    assert len(errors) + len(reasons) == 11
     for exc in errors:
         assert_one_line_no_token(exc)
         assert TOKEN not in str(exc.__cause__ or "")
+    for _, reason in reasons:
+        assert TOKEN not in reason and "\n" not in reason
     assert TOKEN not in repr(client) and "BillingClient(" in repr(client)
     assert "retrying" in caplog.text
     assert TOKEN not in caplog.text

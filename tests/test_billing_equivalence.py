@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from creditsync_pipeline import billing
+import creditsync_pipeline.billing.records  # noqa: F401
 
 from . import reference_billing
 
@@ -46,7 +47,7 @@ record = st.fixed_dictionaries(
 def _check(data: list[dict]) -> None:
     ids = [r["instance_id"] for r in data]
     pages = [(SENT + timedelta(seconds=i), 1) for i in range(len(data))]
-    got_records, got_invalid = billing._validate_records(data, ids, pages)
+    got_records, got_invalid = billing.records.validate_records(data, ids, pages)
     want_records, want_invalid = reference_billing._validate_records(data, ids, pages)
     pd.testing.assert_frame_equal(got_records, want_records)
     pd.testing.assert_frame_equal(got_invalid, want_invalid)
@@ -67,7 +68,7 @@ def test_large_batches_match_the_reference(sample, size, rnd):
 
 
 def test_a_realistic_batch_matches_the_reference():
-    from creditsync_pipeline.simulator import generate_records
+    from creditsync_pipeline.simulators.generic import generate_records
 
     data = generate_records(25_000, seed=3)
     data[10]["updated_at"] = "yesterday"

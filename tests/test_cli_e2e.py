@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from creditsync_pipeline import cli
-from creditsync_pipeline.simulator import BillingSimulator
+from creditsync_pipeline.simulators.generic import BillingSimulator
 
 from .helpers import TOKEN, audit_rows, dump_tables, end_state, seeded
 

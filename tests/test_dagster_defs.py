@@ -10,8 +10,8 @@ from dagster import DagsterInstance, DefaultScheduleStatus, materialize
 
 from creditsync_pipeline.defs.assets import credit_sync_assets
 from creditsync_pipeline.defs.checks import credit_sync_checks
-from creditsync_pipeline.defs.resources import AppDatabaseResource, BillingApiResource
-from creditsync_pipeline.simulator import BillingSimulator
+from creditsync_pipeline.defs.resources import AppDatabaseResource, BillingResource
+from creditsync_pipeline.simulators.generic import BillingSimulator
 
 from .helpers import TOKEN, audit_rows, dump_tables, end_state, seeded
 
@@ -41,7 +41,7 @@ def world(db_url):
     with BillingSimulator(data.records, token=TOKEN) as sim:
         resources = {
             "app_db": AppDatabaseResource(database_url=db_url),
-            "billing": BillingApiResource(base_url=sim.base_url, token=TOKEN, page_size=30, max_attempts=3),
+            "billing": BillingResource(api_url=sim.base_url, api_token=TOKEN, page_size="30", max_attempts="3"),
         }
         yield data, sim, resources
 

@@ -9,8 +9,8 @@ from dagster import DagsterInstance
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import make_url
 
-from creditsync_pipeline.defs.resources import AppDatabaseResource, BillingApiResource
-from creditsync_pipeline.simulator import BillingSimulator
+from creditsync_pipeline.defs.resources import AppDatabaseResource, BillingResource
+from creditsync_pipeline.simulators.generic import BillingSimulator
 
 from .helpers import TOKEN, end_state, seeded
 
@@ -40,7 +40,7 @@ def test_repo_dagster_yaml_runs_the_job_on_postgres_storage(pg_url, sqlite_url, 
             instance=instance,
             resources={
                 "app_db": AppDatabaseResource(database_url=sqlite_url),
-                "billing": BillingApiResource(base_url=sim.base_url, token=TOKEN),
+                "billing": BillingResource(api_url=sim.base_url, api_token=TOKEN),
             },
         )
         assert result.success

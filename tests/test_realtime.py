@@ -30,7 +30,7 @@ from creditsync_pipeline import appdb, realtime, sync
 from creditsync_pipeline.billing import BillingClient
 from creditsync_pipeline.defs import sensors as sensors_mod
 from creditsync_pipeline.defs.jobs import instance_credit_sync_job
-from creditsync_pipeline.defs.resources import AlertWebhookResource, AppDatabaseResource, BillingApiResource
+from creditsync_pipeline.defs.resources import AlertWebhookResource, AppDatabaseResource, BillingResource
 from creditsync_pipeline.defs.sensors import (
     BATCH_TAG,
     LOST_RUN_SECONDS,
@@ -39,7 +39,7 @@ from creditsync_pipeline.defs.sensors import (
     new_instance_sensor,
 )
 from creditsync_pipeline.demo import demo_dataset
-from creditsync_pipeline.simulator import BillingSimulator
+from creditsync_pipeline.simulators.generic import BillingSimulator
 
 from .helpers import TOKEN, audit_rows, end_state
 
@@ -76,7 +76,7 @@ class World:
         self.engine = appdb.create_engine_from_url(db_url)
         self.resources = {
             "app_db": AppDatabaseResource(database_url=db_url),
-            "billing": BillingApiResource(base_url=sim.base_url, token=TOKEN, max_attempts=2, timeout=5),
+            "billing": BillingResource(api_url=sim.base_url, api_token=TOKEN, max_attempts="2", timeout="5"),
             "alert_webhook": AlertWebhookResource(url_env="CREDITSYNC_TEST_ALERT_URL"),
         }
         self.cursors: dict[str, str | None] = {}
@@ -505,7 +505,7 @@ def test_instance_created_while_a_full_sync_runs_is_synced(world):
     """The full run's snapshot predates the purchase and the instance; both nets keep the truth."""
     billing = BillingClient(world.sim.base_url, TOKEN)
     try:
-        snapshot = sync.fetch_billing(billing)  # the full run has fetched billing ...
+        snapshot = sync.fetch_billing(billing, world.engine)  # the full run has fetched billing ...
         world.tick(new_instance_sensor)
         world.sim.upsert(record("mid-1", "pro", updated=datetime.now(timezone.utc)))
         add_instance(world, "mid-1")  # ... the instance appears (and pays) meanwhile
@@ -535,7 +535,7 @@ def test_stale_full_snapshot_never_reverts_a_targeted_fix(world, full_reads):
     world.sim.upsert(record("abc123", "starter", updated=NOW - timedelta(hours=2)))
     billing = BillingClient(world.sim.base_url, TOKEN)
     try:
-        snapshot = sync.fetch_billing(billing)
+        snapshot = sync.fetch_billing(billing, world.engine)
         state = sync.read_state(world.engine) if full_reads == "before_targeted_write" else None
 
         world.sim.upsert(record("abc123", "pro", updated=datetime.now(timezone.utc)))
@@ -592,7 +592,7 @@ def test_failed_run_is_logged_and_posted_to_the_alert_webhook(world, alert_serve
     url, received = alert_server
     monkeypatch.setenv("CREDITSYNC_TEST_ALERT_URL", url)
     resources = dict(world.resources)
-    resources["billing"] = BillingApiResource(base_url=world.sim.base_url, token="wrong-" + TOKEN, max_attempts=1)
+    resources["billing"] = BillingResource(api_url=world.sim.base_url, api_token="wrong-" + TOKEN, max_attempts="1")
     result = instance_credit_sync_job.execute_in_process(
         run_config={"ops": {"sync_instances": {"config": {"instance_ids": ["abc123"]}}}},
         instance=world.instance, resources=resources, raise_on_error=False,

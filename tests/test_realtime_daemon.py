@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from creditsync_pipeline import appdb
 from creditsync_pipeline.demo import demo_dataset, write_dagster_home
-from creditsync_pipeline.simulator import BillingSimulator
+from creditsync_pipeline.simulators.generic import BillingSimulator
 
 from .helpers import TOKEN, audit_rows, end_state
 

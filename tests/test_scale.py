@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 
 from creditsync_pipeline import appdb, sync
 from creditsync_pipeline.billing import BillingClient
-from creditsync_pipeline.simulator import SYNTHETIC_PLANS, BillingSimulator, generate_records
+from creditsync_pipeline.simulators.generic import SYNTHETIC_PLANS, BillingSimulator, generate_records
 
 TOKEN = "tok-scale-7b1d"
 N = 20_000
@@ -291,7 +291,7 @@ def test_generate_records_is_deterministic_and_well_formed() -> None:
 def test_simulator_cli_serves_generated_records() -> None:
     env = {**os.environ, "BILLING_API_TOKEN": TOKEN}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "creditsync_pipeline.simulator", "--port", "0", "--generate", "2500",
+        [sys.executable, "-m", "creditsync_pipeline.simulators.generic", "--port", "0", "--generate", "2500",
          "--seed", "3", "--anchor", ANCHOR.isoformat()],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
     )
@@ -314,7 +314,7 @@ def test_simulator_cli_refuses_records_and_generate_together(tmp_path: Path) -> 
     records = tmp_path / "r.json"
     records.write_text("[]")
     result = subprocess.run(
-        [sys.executable, "-m", "creditsync_pipeline.simulator", "--records", str(records), "--generate", "3"],
+        [sys.executable, "-m", "creditsync_pipeline.simulators.generic", "--records", str(records), "--generate", "3"],
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )
     assert result.returncode == 2 and "mutually exclusive" in result.stderr

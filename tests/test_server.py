@@ -38,7 +38,7 @@ from creditsync_pipeline.server.ratelimit import RateLimiter
 from creditsync_pipeline.server.tokens import b64url_encode, sign_instance_token
 from creditsync_pipeline.server.webhooks import SIGNATURE_HEADER, sign_webhook
 from creditsync_pipeline.settings import Secret, Settings
-from creditsync_pipeline.simulator import BillingSimulator
+from creditsync_pipeline.simulators.generic import BillingSimulator
 
 from .helpers import TOKEN, audit_rows, dump_tables, end_state, seeded
 
@@ -484,10 +484,10 @@ class GatedBilling(BillingClient):
         self.entered = threading.Event()
         self.gate = threading.Event()
 
-    def fetch_instances(self, instance_ids):
+    def fetch_instances(self, instance_ids, **kwargs):
         self.entered.set()
         assert self.gate.wait(timeout=60), "test never opened the gate"
-        return super().fetch_instances(instance_ids)
+        return super().fetch_instances(instance_ids, **kwargs)
 
 
 def test_a_second_press_while_a_sync_runs_is_429_not_a_second_sync(world, db_url):

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from creditsync_pipeline.simulator import BillingSimulator, decode_cursor, encode_cursor
+from creditsync_pipeline.simulators.generic import BillingSimulator, decode_cursor, encode_cursor
 
 TOKEN = "sim-test-token-7f3a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -175,7 +175,7 @@ def test_get_one_and_404(http: httpx.Client) -> None:
     missing = http.get("/v1/subscriptions/nope")
     assert missing.status_code == 404
     assert missing.headers["content-type"] == "application/json"
-    assert missing.json() == {"error": "not_found"}
+    assert missing.json() == {"error": "subscription_not_found"}
 
 
 @pytest.mark.parametrize("instance_id", ODD_IDS)
@@ -441,7 +441,7 @@ def test_cli_serves_records_until_sigterm(tmp_path: Path) -> None:
     records_file.write_text(json.dumps([record("cli-1"), record("cli-2", plan_id="team")]))
     env = {**os.environ, "BILLING_API_TOKEN": "cli-secret-token"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "creditsync_pipeline.simulator", "--port", "0", "--records", str(records_file)],
+        [sys.executable, "-m", "creditsync_pipeline.simulators.generic", "--port", "0", "--records", str(records_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
     )
     try:

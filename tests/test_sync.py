@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from creditsync_pipeline import appdb, sync
 from creditsync_pipeline.billing import BillingClient, BillingUnavailableError
-from creditsync_pipeline.simulator import BillingSimulator
+from creditsync_pipeline.simulators.generic import BillingSimulator
 
 from .helpers import TOKEN, audit_rows, dump_tables, end_state, seeded
 
@@ -34,12 +34,12 @@ def test_a_full_run_reads_the_app_database_while_billing_is_fetched(db_url: str,
     read_started = threading.Event()
     real_read, real_fetch = sync.read_state, sync.fetch_billing
 
-    def read(engine: Engine, instance_ids: Any = None) -> sync.AppState:
+    def read(engine: Engine, instance_ids: Any = None, **kwargs: Any) -> sync.AppState:
         read_started.set()
-        return real_read(engine, instance_ids)
+        return real_read(engine, instance_ids, **kwargs)
 
-    def fetch(billing: BillingClient):
-        snapshot = real_fetch(billing)
+    def fetch(billing: BillingClient, engine: Engine, **kwargs: Any):
+        snapshot = real_fetch(billing, engine, **kwargs)
         assert read_started.wait(10), "the read did not start while billing was being fetched"
         return snapshot
 

@@ -14,7 +14,7 @@ from pydantic import Field
 from .. import sync
 from ..billing import BillingSnapshot
 from ..rules import KINDS, Decision
-from .resources import AppDatabaseResource, BillingApiResource
+from .resources import AppDatabaseResource, BillingResource
 
 GROUP = "credit_sync"
 #: rows shown inline in the UI; the full list is in the CSV and the IO manager
@@ -39,11 +39,14 @@ def _trigger(context: AssetExecutionContext) -> str:
     return context.run.tags.get(TRIGGER_TAG, "manual")
 
 
-@asset(group_name=GROUP, kinds={"python"}, description="Every subscription record from the billing API (all pages, validated).")
-def billing_subscriptions(context: AssetExecutionContext, billing: BillingApiResource) -> BillingSnapshot:
+@asset(group_name=GROUP, kinds={"python"}, description="Every subscription record from the billing provider (all pages or every instance looked up, validated).")
+def billing_subscriptions(
+    context: AssetExecutionContext, billing: BillingResource, app_db: AppDatabaseResource
+) -> BillingSnapshot:
     context.log.info("[CreditSync] Running credit sync task...")
-    with sync.reporting_errors(context.log), billing.get_client() as client:
-        snapshot = sync.fetch_billing(client)
+    engine = app_db.get_engine()
+    with sync.reporting_errors(context.log), billing.get_client(engine) as client:
+        snapshot = sync.fetch_billing(client, engine)
     context.add_output_metadata(
         {
             "records": MetadataValue.int(len(snapshot.records)),

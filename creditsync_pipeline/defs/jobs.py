@@ -16,7 +16,7 @@ from pydantic import Field
 
 from .. import realtime
 from .assets import GROUP, TRIGGER_TAG
-from .resources import AppDatabaseResource, BillingApiResource
+from .resources import AppDatabaseResource, BillingResource
 
 #: Tag every creditsync run carries; dagster.yaml limits concurrent runs on it.
 SYNC_TAG = "creditsync/sync"
@@ -58,7 +58,7 @@ def sync_instances_op(
     context: OpExecutionContext,
     config: TargetedSyncConfig,
     app_db: AppDatabaseResource,
-    billing: BillingApiResource,
+    billing: BillingResource,
 ) -> Output[dict]:
     trigger = config.trigger or context.run.tags.get(TRIGGER_TAG) or "manual"
     if trigger not in realtime.TARGETED_TRIGGERS:
@@ -66,7 +66,7 @@ def sync_instances_op(
     if not config.instance_ids and not config.webhook_event_ids:
         raise Failure(description="[CreditSync] nothing to sync: set ops.sync_instances.config.instance_ids")
     engine = app_db.get_engine()
-    with billing.get_client() as client:
+    with billing.get_client(engine) as client:
         result = realtime.run_batch(
             engine,
             client,

@@ -40,12 +40,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import appdb, settings, sync
-from ..billing import BillingAuthError, BillingClient, BillingError, BillingUnavailableError
+from ..billing import BillingAuthError, BillingError, BillingProvider, BillingUnavailableError
 from ..rules import WRITABLE_KINDS, RulesError
 from . import tokens, webhooks
 from .ratelimit import RateLimiter
 
-__all__ = ["ServeError", "create_app", "interactive_billing_client", "serve"]
+__all__ = ["ServeError", "create_app", "serve"]
 
 logger = logging.getLogger("creditsync.server")
 access_logger = logging.getLogger("creditsync.server.access")
@@ -84,24 +84,6 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def interactive_billing_client(cfg: settings.Settings) -> BillingClient:
-    """A billing client with a budget fit for a person waiting on a button.
-
-    At most 3 attempts, 10 s per request, short backoff, and a 429's
-    ``Retry-After`` honoured up to 5 s: a slow billing API yields a quick
-    503 instead of a request hanging for minutes.
-    """
-    return BillingClient(
-        cfg.billing_api_url,
-        cfg.require_billing_token(),
-        timeout=min(cfg.billing_timeout, 10.0),
-        max_attempts=min(cfg.billing_max_attempts, 3),
-        backoff_max=2.0,
-        max_retry_after=5.0,
-        concurrency=1,
-    )
-
-
 @dataclass
 class _Outcome:
     status: int
@@ -112,7 +94,7 @@ class _Outcome:
 class _Service:
     """The blocking side of the app (called in the thread pool)."""
 
-    def __init__(self, cfg: settings.Settings, engine: Engine, billing: BillingClient) -> None:
+    def __init__(self, cfg: settings.Settings, engine: Engine, billing: BillingProvider) -> None:
         self.cfg = cfg
         self.engine = engine
         self.billing = billing
@@ -264,7 +246,7 @@ def create_app(
     cfg: settings.Settings | None = None,
     *,
     engine: Engine | None = None,
-    billing: BillingClient | None = None,
+    billing: BillingProvider | None = None,
     rate_limiter: RateLimiter | None = None,
     clock: Callable[[], datetime] = sync.utcnow,
 ) -> Starlette:
@@ -279,17 +261,18 @@ def create_app(
     app_secret = str(cfg.app_secret)
     webhook_secret = str(cfg.webhook_secret)
     owned: list[Callable[[], None]] = []
-    if billing is None:
-        billing = interactive_billing_client(cfg)
-        owned.append(billing.close)
     if engine is None:
+        engine = appdb.create_engine_from_url(cfg.database_url)
+        owned.append(engine.dispose)
+    if billing is None:
+        # The budget of a person waiting on the button: a slow billing API gives a quick 503.
         try:
-            engine = appdb.create_engine_from_url(cfg.database_url)
+            billing = sync.open_billing(cfg, engine, interactive=True)
         except Exception:
             for close in owned:
                 close()
             raise
-        owned.append(engine.dispose)
+        owned.append(billing.close)
     limiter = rate_limiter if rate_limiter is not None else RateLimiter(cfg.sync_rate_limit, RATE_WINDOW_SECONDS)
     service = _Service(cfg, engine, billing)
     in_flight: set[str] = set()
