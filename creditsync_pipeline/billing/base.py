@@ -155,10 +155,12 @@ class BillingProvider(ABC):
         """
 
     @abstractmethod
-    def check_access(self) -> str:
+    def check_access(self, instance_ids: Sequence[str] = ()) -> str:
         """Prove the provider is reachable and accepts creditsync's credentials (``creditsync doctor``).
 
-        Returns one line saying what was checked; raises :class:`BillingError`.
+        ``instance_ids``: a few of the app's instances, for a provider that can only prove
+        access on an instance (Wix tokens are per instance). Returns one line saying what
+        was checked; raises :class:`BillingError`.
         """
 
     @property

@@ -153,7 +153,7 @@ class GenericBillingClient(BillingProvider):
 
     # -- the contract ---------------------------------------------------------------------
 
-    def check_access(self) -> str:
+    def check_access(self, instance_ids: Sequence[str] = ()) -> str:
         """One list page of one record: reachable, token accepted, the page of the SPEC shape."""
         what = f"GET {_LIST_PATH} (access check)"
         response, _ = self._api.request("GET", _LIST_PATH, what, params={"limit": 1})
