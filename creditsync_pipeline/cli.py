@@ -83,7 +83,7 @@ def _print_table(report: sync.SyncReport, out: Any) -> None:
 
 
 def cmd_check(args: argparse.Namespace, cfg: settings.Settings) -> int:
-    report = _run_sync(cfg, args.instance, sync.SyncOptions(dry_run=True, max_change_ratio=cfg.max_change_ratio))
+    report = _run_sync(cfg, args.instance, sync.SyncOptions.from_settings(cfg, dry_run=True))
     if args.json:
         print(json.dumps(mismatches_json(report), ensure_ascii=False, indent=2))
     else:
@@ -92,7 +92,7 @@ def cmd_check(args: argparse.Namespace, cfg: settings.Settings) -> int:
 
 
 def cmd_fix(args: argparse.Namespace, cfg: settings.Settings) -> int:
-    options = sync.SyncOptions(dry_run=args.dry_run, force=args.force, max_change_ratio=cfg.max_change_ratio)
+    options = sync.SyncOptions.from_settings(cfg, dry_run=args.dry_run, force=args.force)
     report = _run_sync(cfg, args.instance, options)
     if args.json:
         print(json.dumps(mismatches_json(report), ensure_ascii=False, indent=2))

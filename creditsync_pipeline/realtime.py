@@ -37,7 +37,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from . import appdb, rules, sync
-from .billing import BillingAuthError, BillingProvider, instance_id_problem
+from .billing import BillingAuthError, BillingProvider
+from .ids import instance_id_problem
 
 CORRECTED = "corrected"
 ALREADY_CORRECT = "already_correct"

@@ -25,8 +25,13 @@ TRIGGER_TAG = "creditsync/trigger"
 class MismatchConfig(Config):
     """How the diff is judged."""
 
-    force: bool = Field(default=False, description="Override the guard rails (mass change, empty billing list)")
-    max_change_ratio: float = Field(default=0.10, description="Refuse a run that changes more than this share of instances")
+    force: bool = Field(default=False, description="Override the guard rails (mass change, paid downgrade, empty billing list)")
+    max_change_ratio: float = Field(
+        default=0.10, description="Refuse a run that changes more than max(10, this share of all instances)"
+    )
+    max_paid_downgrade_ratio: float = Field(
+        default=0.10, description="Refuse a run that moves more than max(10, this share of the paid instances) to the free plan"
+    )
 
 
 class CorrectionConfig(Config):
@@ -122,7 +127,11 @@ def credit_mismatches(
     billing_subscriptions: BillingSnapshot,
     instance_credits: sync.AppState,
 ) -> Decision:
-    options = sync.SyncOptions(force=config.force, max_change_ratio=config.max_change_ratio)
+    options = sync.SyncOptions(
+        force=config.force,
+        max_change_ratio=config.max_change_ratio,
+        max_paid_downgrade_ratio=config.max_paid_downgrade_ratio,
+    )
     with sync.reporting_errors(context.log):
         decision = sync.decide(billing_subscriptions, instance_credits, options=options)
     path = _write_report_csv(context, decision.mismatches)

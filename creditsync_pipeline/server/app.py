@@ -141,7 +141,7 @@ class _Service:
                 [instance_id],
                 trigger="manual",
                 run_id=sync.new_run_id(),
-                options=sync.SyncOptions(max_change_ratio=self.cfg.max_change_ratio),
+                options=sync.SyncOptions.from_settings(self.cfg),
                 log=sync_logger,
             )
         except BillingUnavailableError:
