@@ -441,7 +441,7 @@ def test_fault_mid_apply_leaves_every_table_unchanged(
     apply_corrections(engine, _corrections([{"instance_id": "i6"}]), run_id="earlier", trigger="manual", now=T0 + timedelta(days=30))
     before = _dump(engine)
 
-    real_insert_audit = appdb._insert_audit
+    real_insert_audit = appdb.corrections._insert_audit
     calls = {"n": 0}
 
     def failing_insert_audit(*args: Any, **kwargs: Any) -> None:
@@ -450,8 +450,8 @@ def test_fault_mid_apply_leaves_every_table_unchanged(
             raise RuntimeError("disk on fire\nsecond line")
         real_insert_audit(*args, **kwargs)
 
-    monkeypatch.setattr(appdb, "APPLY_BATCH_SIZE", 2)
-    monkeypatch.setattr(appdb, "_insert_audit", failing_insert_audit)
+    monkeypatch.setattr(appdb.limits, "APPLY_BATCH_SIZE", 2)
+    monkeypatch.setattr(appdb.corrections, "_insert_audit", failing_insert_audit)
     corrections = _corrections([{"instance_id": f"i{n}"} for n in range(6)])
     with pytest.raises(AppDatabaseError) as caught:
         apply_corrections(engine, corrections, run_id="doomed", trigger="periodic", now=NOW)
@@ -462,7 +462,7 @@ def test_fault_mid_apply_leaves_every_table_unchanged(
     assert _dump(engine) == before
 
     # The connection and its scratch tables are clean: the next run works.
-    monkeypatch.setattr(appdb, "_insert_audit", real_insert_audit)
+    monkeypatch.setattr(appdb.corrections, "_insert_audit", real_insert_audit)
     result = apply_corrections(engine, corrections, run_id="retry", trigger="periodic", now=NOW)
     assert len(result.applied) == 6
     assert len(read_audit(engine, "retry")) == 6
@@ -473,7 +473,7 @@ def test_bad_row_in_a_later_batch_rolls_back_everything(
 ) -> None:
     _seed(engine, [_instance(f"i{n}") for n in range(5)])
     before = _dump(engine)
-    monkeypatch.setattr(appdb, "APPLY_BATCH_SIZE", 2)
+    monkeypatch.setattr(appdb.limits, "APPLY_BATCH_SIZE", 2)
     corrections = _corrections(
         [{"instance_id": f"i{n}"} for n in range(4)]
         + [{"instance_id": "i4", "new_credits_total": 2**70}]  # does not fit an INTEGER
@@ -524,7 +524,7 @@ def test_zero_corrections_on_a_live_database(engine: Engine) -> None:
 
 def test_bulk_apply_20000_rows(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     n = 20_000
-    monkeypatch.setattr(appdb, "APPLY_BATCH_SIZE", 7_000)  # several batches, one transaction
+    monkeypatch.setattr(appdb.limits, "APPLY_BATCH_SIZE", 7_000)  # several batches, one transaction
     upsert_plans(engine, PLANS)
     insert_instances(
         engine,

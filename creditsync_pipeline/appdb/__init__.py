@@ -1,0 +1,65 @@
+"""App database access: schema, reads, bulk compare-and-set corrections and audit.
+
+SQLAlchemy Core only. Works on PostgreSQL (production) and SQLite (embedded
+default). Every error that leaves this package is an :class:`AppDatabaseError`
+with a one-line message that never contains a password.
+
+Modules (one concern each): :mod:`.errors` (errors, URL redaction),
+:mod:`.timestamps` (UTC column type), :mod:`.schema` (tables), :mod:`.migrations`
+(``init_db``), :mod:`.engine` (engines, transactions), :mod:`.reads`,
+:mod:`.writes` (seeding), :mod:`.corrections` (compare-and-set + audit),
+:mod:`.webhooks` (webhook rows), :mod:`.scratch` (bulk scratch tables),
+:mod:`.dialects` (everything that differs per server), :mod:`.limits` (batch sizes).
+Callers use the names re-exported here: ``appdb.read_instances(...)``.
+"""
+
+from ..rules import CORRECTION_COLUMNS
+from . import limits
+from .corrections import ApplyResult, apply_corrections
+from .engine import check_connection, create_engine_from_url, shares_data_across_connections
+from .errors import AppDatabaseError, redact_url
+from .migrations import init_db
+from .reads import count_instances, instances_created_since, load_plans, read_audit, read_instances
+from .schema import billing_webhook_events, credit_sync_audit, instances, metadata, plans
+from .timestamps import UTCDateTime
+from .webhooks import (
+    WebhookEvent,
+    claim_webhook_events,
+    land_webhook_event,
+    mark_webhook_events,
+    unprocessed_webhook_events,
+    webhook_events_by_id,
+)
+from .writes import insert_instances, upsert_plans
+
+__all__ = [
+    "AppDatabaseError",
+    "ApplyResult",
+    "CORRECTION_COLUMNS",
+    "UTCDateTime",
+    "WebhookEvent",
+    "apply_corrections",
+    "billing_webhook_events",
+    "check_connection",
+    "claim_webhook_events",
+    "count_instances",
+    "create_engine_from_url",
+    "credit_sync_audit",
+    "init_db",
+    "insert_instances",
+    "instances",
+    "instances_created_since",
+    "land_webhook_event",
+    "limits",
+    "load_plans",
+    "mark_webhook_events",
+    "metadata",
+    "plans",
+    "read_audit",
+    "read_instances",
+    "redact_url",
+    "shares_data_across_connections",
+    "unprocessed_webhook_events",
+    "upsert_plans",
+    "webhook_events_by_id",
+]
