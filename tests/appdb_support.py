@@ -88,3 +88,29 @@ def seed(engine: Engine, rows: list[dict]) -> None:
 
 def by_id(frame: pd.DataFrame) -> dict[str, dict]:
     return {row["instance_id"]: row for row in frame.to_dict("records")}
+
+
+_SQLITE_INSTANCES_NULLABLE_CREATED_AT = """
+CREATE TABLE instances (
+    instance_id    TEXT      PRIMARY KEY NOT NULL,
+    plan_id        TEXT      NOT NULL,
+    credits_total  INTEGER   NOT NULL,
+    credits_used   INTEGER   NOT NULL DEFAULT 0,
+    created_at     TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    updated_at     TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+)
+"""
+
+
+def allow_null_created_at(engine: Engine) -> None:
+    """Make the (empty) ``instances`` table an app's own shape: ``created_at`` nullable.
+
+    PostgreSQL alters the column; SQLite cannot, so the empty table is recreated.
+    """
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP TABLE instances")
+            conn.exec_driver_sql(_SQLITE_INSTANCES_NULLABLE_CREATED_AT)
+        else:
+            conn.exec_driver_sql("ALTER TABLE instances ALTER COLUMN created_at DROP NOT NULL")
+    assert {c["name"]: c["nullable"] for c in inspect(engine).get_columns("instances")}["created_at"]

@@ -51,6 +51,7 @@ INSTANCE_SPEC: dict[str, ColumnMaker] = {
     "plan_id": str_series,
     "credits_total": int_series,
     "credits_used": int_series,
+    "created_at": utc_series,
     "updated_at": utc_series,
 }
 AUDIT_SPEC: dict[str, ColumnMaker] = {

@@ -30,7 +30,8 @@ def read_instances(
     """Instances (all, or the named ones; unknown ids are absent from the result).
 
     Columns: ``instance_id``, ``plan_id`` (str), ``credits_total``, ``credits_used``
-    (int64), ``updated_at`` (datetime64[ns, UTC], NaT when null); ordered by
+    (int64), ``created_at``, ``updated_at`` (datetime64[ns, UTC], NaT when null: the
+    shipped DDL has ``created_at NOT NULL``, an app's own table may not); ordered by
     ``instance_id`` unless ``ordered=False`` (the database's own order: a full
     read then needs no sort).
 

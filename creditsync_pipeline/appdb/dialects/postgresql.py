@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import Connection, Table, text
 from sqlalchemy.engine import URL
@@ -17,10 +18,17 @@ from .base import OnConflict, bind_processed, memoized, quoted_target
 
 _INIT_LOCK_KEY = 0x6372_6564_7379_6E63  # "credsync": serialises concurrent init_db
 
+# Timestamps travel as integer microseconds since the epoch (whatever the session's time
+# zone or DateStyle; a NULL is an empty field): pandas parses an integer column in C with no
+# Python object per row, ~10x faster than ISO text -- which pays for the second timestamp.
+_EPOCH_US = "(EXTRACT(EPOCH FROM {0}) * 1000000)::bigint"
+_TIMESTAMPS = ("created_at", "updated_at")
 _COPY_INSTANCES_SQL = (
-    "COPY (SELECT instance_id, plan_id, credits_total, credits_used, updated_at "
-    "FROM instances{where}{order}) TO STDOUT WITH (FORMAT csv)"
+    "COPY (SELECT instance_id, plan_id, credits_total, credits_used, "
+    + ", ".join(_EPOCH_US.format(name) for name in _TIMESTAMPS)
+    + " FROM instances{where}{order}) TO STDOUT WITH (FORMAT csv)"
 )
+_NAT = np.iinfo(np.int64).min  # NaT's bit pattern in a datetime64 array
 
 
 class PostgreSQL(OnConflict):
@@ -76,9 +84,6 @@ class PostgreSQL(OnConflict):
             return None
         if wanted is not None and not wanted:
             return frames.frame([], frames.INSTANCE_SPEC)
-        # ISO timestamps in UTC whatever the session's settings; LOCAL ends with the transaction.
-        conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'")
-        conn.exec_driver_sql("SET LOCAL DateStyle = 'ISO, YMD'")
         dbapi = conn.connection.dbapi_connection
         from psycopg2.extensions import encodings as pg_encodings
 
@@ -104,17 +109,21 @@ class PostgreSQL(OnConflict):
             header=None,
             names=list(frames.INSTANCE_SPEC),
             dtype={"instance_id": "str", "plan_id": "str", "credits_total": "int64",
-                   "credits_used": "int64", "updated_at": "str"},
-            # Only an unquoted empty field (NULL) of updated_at is missing; ids stay verbatim.
+                   "credits_used": "int64", **{name: "Int64" for name in _TIMESTAMPS}},
+            # Only an empty field (NULL) of a timestamp is missing; ids stay verbatim.
             keep_default_na=False,
-            na_values={"updated_at": [""]},
+            na_values={name: [""] for name in _TIMESTAMPS},
             encoding=encoding,
             engine="c",
         )
         sink.close()
-        frame["updated_at"] = pd.to_datetime(frame["updated_at"], format="ISO8601", utc=True).astype(
-            "datetime64[ns, UTC]"
-        )
+        for name in _TIMESTAMPS:
+            micros = frame[name].to_numpy(dtype="int64", na_value=_NAT)
+            frame[name] = (
+                pd.Series(micros.view("datetime64[us]"), index=frame.index)
+                .dt.tz_localize("UTC")
+                .astype("datetime64[ns, UTC]")
+            )
         return frame
 
 
