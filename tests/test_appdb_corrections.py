@@ -22,7 +22,18 @@ from creditsync_pipeline.appdb import (
     upsert_plans,
 )
 
-from .appdb_support import BASIS, NOW, PLANS, T0, by_id, corrections_frame, dump_db, instance_row, seed
+from .appdb_support import (
+    BASIS,
+    NOW,
+    PLANS,
+    T0,
+    allow_null_created_at,
+    by_id,
+    corrections_frame,
+    dump_db,
+    instance_row,
+    seed,
+)
 
 
 # ------------------------------------------------------------- apply_corrections
@@ -157,27 +168,76 @@ def test_never_overwrites_state_newer_than_the_basis(engine: Engine) -> None:
     seed(engine, [
         instance_row("older", updated_at=BASIS - timedelta(microseconds=1)),
         instance_row("same-instant", updated_at=BASIS),
-        instance_row("null-ts", updated_at=None),
         instance_row("newer", updated_at=BASIS + timedelta(microseconds=1)),
         instance_row("much-newer", updated_at=BASIS + timedelta(days=1)),
         # Same instant as the basis, written with another offset.
         instance_row("other-tz", updated_at=BASIS.astimezone(timezone(timedelta(hours=-7)))),
+        # No updated_at: the row's created_at is the state's age.
+        instance_row("null-ts-created-before", updated_at=None, created_at=BASIS - timedelta(hours=1)),
+        instance_row("null-ts-created-after", updated_at=None, created_at=BASIS + timedelta(microseconds=1)),
+        # updated_at, when present, wins over created_at.
+        instance_row("updated-wins", updated_at=BASIS - timedelta(seconds=1), created_at=BASIS + timedelta(days=1)),
     ])
-    corrections = corrections_frame([
-        {"instance_id": i}
-        for i in ("older", "same-instant", "null-ts", "newer", "much-newer", "other-tz")
-    ])
+    ids = ("older", "same-instant", "newer", "much-newer", "other-tz",
+           "null-ts-created-before", "null-ts-created-after", "updated-wins")
+    corrections = corrections_frame([{"instance_id": i} for i in ids])
     # The basis may arrive in any timezone; it means the same instant.
     corrections["basis_at"] = corrections["basis_at"].dt.tz_convert("Asia/Tokyo")
 
     result = apply_corrections(engine, corrections, run_id="stale", trigger="periodic", now=NOW)
 
-    assert sorted(result.applied["instance_id"]) == ["null-ts", "older", "other-tz", "same-instant"]
-    assert sorted(result.skipped["instance_id"]) == ["much-newer", "newer"]
+    applied = ["null-ts-created-before", "older", "other-tz", "same-instant", "updated-wins"]
+    assert sorted(result.applied["instance_id"]) == applied
+    assert sorted(result.skipped["instance_id"]) == ["much-newer", "newer", "null-ts-created-after"]
     rows = by_id(read_instances(engine))
     assert rows["newer"]["plan_id"] == "free"
     assert rows["newer"]["updated_at"] == pd.Timestamp(BASIS + timedelta(microseconds=1))
-    assert sorted(read_audit(engine)["instance_id"]) == ["null-ts", "older", "other-tz", "same-instant"]
+    assert rows["null-ts-created-after"]["plan_id"] == "free"
+    assert pd.isna(rows["null-ts-created-after"]["updated_at"])
+    assert sorted(read_audit(engine)["instance_id"]) == applied
+
+
+def test_a_row_without_timestamps_takes_only_data_seen_after_the_read_started(engine: Engine) -> None:
+    """Neither updated_at nor created_at: the fallback is read_started_at, else now."""
+    allow_null_created_at(engine)
+    read_started = BASIS - timedelta(seconds=1)
+    seed(engine, [
+        instance_row(f"neither-{n}", updated_at=None, created_at=None) for n in range(6)
+    ] + [instance_row("dated", updated_at=T0)])
+    corrections = corrections_frame([
+        {"instance_id": "neither-0", "basis_at": BASIS},                            # after the read: applies
+        {"instance_id": "neither-1", "basis_at": read_started},                     # at the read's start: applies
+        {"instance_id": "neither-2", "basis_at": read_started - timedelta(microseconds=1)},  # before: skipped
+        {"instance_id": "neither-3", "basis_at": None},                             # no basis: never
+        {"instance_id": "dated", "basis_at": None},                                 # no basis: never
+    ])
+    result = apply_corrections(engine, corrections, run_id="fallback", trigger="periodic", now=NOW,
+                               read_started_at=read_started)
+    assert sorted(result.applied["instance_id"]) == ["neither-0", "neither-1"]
+    assert sorted(result.skipped["instance_id"]) == ["dated", "neither-2", "neither-3"]
+
+    # Without read_started_at the fallback is `now`: only data seen at or after `now` applies.
+    result = apply_corrections(
+        engine,
+        corrections_frame([{"instance_id": "neither-4", "basis_at": NOW - timedelta(microseconds=1)},
+                           {"instance_id": "neither-5", "basis_at": NOW}]),
+        run_id="fallback-now", trigger="periodic", now=NOW,
+    )
+    assert result.applied["instance_id"].tolist() == ["neither-5"]
+    assert result.skipped["instance_id"].tolist() == ["neither-4"]
+    rows = by_id(read_instances(engine))
+    assert {i for i, r in rows.items() if r["plan_id"] == "pro"} == {"neither-0", "neither-1", "neither-5"}
+    assert sorted(read_audit(engine)["instance_id"]) == ["neither-0", "neither-1", "neither-5"]
+
+
+def test_a_null_basis_never_applies(engine: Engine) -> None:
+    seed(engine, [instance_row("null-updated", updated_at=None), instance_row("dated", updated_at=T0)])
+    corrections = corrections_frame([{"instance_id": "null-updated", "basis_at": None},
+                                     {"instance_id": "dated", "basis_at": None}])
+    result = apply_corrections(engine, corrections, run_id="nobasis", trigger="periodic", now=NOW,
+                               read_started_at=T0 - timedelta(days=365))
+    assert result.applied.empty and len(result.skipped) == 2
+    assert read_audit(engine).empty
 
 
 def test_fault_mid_apply_leaves_every_table_unchanged(

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, Engine, Text, delete, insert, literal, or_, select, update
+from sqlalchemy import Connection, Engine, Text, delete, func, insert, literal, select, update
+from sqlalchemy.sql import ColumnElement
 
 # The corrections frame is the rules' output; one definition of its columns.
 from ..rules import CORRECTION_COLUMNS
@@ -38,14 +38,21 @@ def apply_corrections(
     run_id: str,
     trigger: str,
     now: datetime,
+    read_started_at: datetime | None = None,
 ) -> ApplyResult:
     """Apply corrections with compare-and-set and audit them, all in one transaction.
 
     A row is updated (``plan_id``, ``credits_total``, ``updated_at = now``; never
     ``credits_used``) only if it still holds ``old_plan_id`` / ``old_credits_total``
-    and was not updated after ``basis_at``; a null ``basis_at`` only matches rows
-    whose ``updated_at`` is null. Every applied row gets one ``credit_sync_audit``
-    row. Any failure rolls everything back and raises :class:`AppDatabaseError`.
+    and the billing data is not older than the state it overwrites::
+
+        COALESCE(updated_at, created_at, :fallback) <= basis_at
+
+    ``fallback`` is ``read_started_at`` (when the run started reading the rows), or
+    ``now`` when not given: a row with neither timestamp is only overwritten by
+    billing data observed after the run started reading it. A null ``basis_at``
+    never applies. Every applied row gets one ``credit_sync_audit`` row. Any
+    failure rolls everything back and raises :class:`AppDatabaseError`.
     """
     missing = [c for c in CORRECTION_COLUMNS if c not in corrections.columns]
     if missing:
@@ -56,6 +63,9 @@ def apply_corrections(
     now_utc = to_utc_datetime(now) if isinstance(now, datetime) else None
     if now_utc is None:
         raise AppDatabaseError("apply_corrections needs a datetime for `now`")
+    if read_started_at is not None and not isinstance(read_started_at, datetime):
+        raise AppDatabaseError("apply_corrections needs a datetime (or None) for `read_started_at`")
+    fallback = to_utc_datetime(read_started_at) or now_utc
     columns = _correction_columns(corrections)
     ids = columns["instance_id"]
 
@@ -63,12 +73,16 @@ def apply_corrections(
     applied_ids: set[str] = set()
     try:
         with write_transaction(engine) as conn:
-            _create_scratch_tables(conn)
+            create_scratch_tables(conn)
+            fresh = _fresh(fallback)
             for start in range(0, len(ids), batch_size):
                 batch = {name: values[start : start + batch_size] for name, values in columns.items()}
-                applied = _apply_batch(conn, batch, run_id=run_id, trigger=trigger, now=now_utc)
+                clear_scratch_tables(conn)
+                scratch.load(conn, tmp_corrections, batch)
+                applied = cas_update(conn, now=now_utc, condition=fresh)
+                audit_applied(conn, applied, run_id=run_id, trigger=trigger, now=now_utc)
                 applied_ids.update(applied)
-            scratch.drop(conn, tmp_corrections, tmp_applied)
+            drop_scratch_tables(conn)
     except Exception as exc:
         raise wrap(engine, "applying corrections", exc, note=", nothing written") from exc
 
@@ -109,35 +123,59 @@ def _correction_columns(corrections: pd.DataFrame) -> dict[str, list[Any]]:
     }
 
 
-def _create_scratch_tables(conn: Connection) -> None:
+# ------------------------------------------------ the machinery (revert reuses it)
+
+
+def create_scratch_tables(conn: Connection) -> None:
+    """Tune the transaction for bulk work and create the empty scratch tables."""
     dialects.of(conn).tune_bulk(conn)
     scratch.create(conn, tmp_corrections, tmp_applied)
 
 
-def _apply_batch(
-    conn: Connection, batch: Mapping[str, list[Any]], *, run_id: str, trigger: str, now: datetime
-) -> list[str]:
-    """Load one batch (columns), compare-and-set update ``instances``, audit; return applied ids."""
+def clear_scratch_tables(conn: Connection) -> None:
     conn.execute(delete(tmp_applied))
     conn.execute(delete(tmp_corrections))
-    scratch.load(conn, tmp_corrections, batch)
+
+
+def drop_scratch_tables(conn: Connection) -> None:
+    scratch.drop(conn, tmp_corrections, tmp_applied)
+
+
+def _fresh(fallback: datetime) -> ColumnElement[bool]:
+    """The billing data (``basis_at``) is not older than the state it overwrites."""
+    seen = func.coalesce(instances.c.updated_at, instances.c.created_at, literal(fallback, UTCDateTime()))
+    return seen <= tmp_corrections.c.basis_at
+
+
+def cas_update(conn: Connection, *, now: datetime, condition: ColumnElement[bool] | None = None) -> list[str]:
+    """Compare-and-set ``instances`` from the loaded ``tmp_corrections``; return the ids changed.
+
+    A row gets ``new_plan_id`` / ``new_credits_total`` and ``updated_at = now`` (never
+    ``credits_used``) only while it still holds ``old_plan_id`` / ``old_credits_total``
+    and ``condition`` (if any) holds.
+    """
     t = tmp_corrections
-    cas_update = (
+    where = [
+        instances.c.instance_id == t.c.instance_id,
+        instances.c.plan_id == t.c.old_plan_id,
+        instances.c.credits_total == t.c.old_credits_total,
+    ]
+    if condition is not None:
+        where.append(condition)
+    stmt = (
         update(instances)
-        .where(
-            instances.c.instance_id == t.c.instance_id,
-            instances.c.plan_id == t.c.old_plan_id,
-            instances.c.credits_total == t.c.old_credits_total,
-            or_(instances.c.updated_at.is_(None), instances.c.updated_at <= t.c.basis_at),
-        )
+        .where(*where)
         .values(plan_id=t.c.new_plan_id, credits_total=t.c.new_credits_total, updated_at=now)
         .returning(instances.c.instance_id)
     )
-    applied = list(conn.execute(cas_update).scalars())
+    return list(conn.execute(stmt).scalars())
+
+
+def audit_applied(conn: Connection, applied: list[str], *, run_id: str, trigger: str, now: datetime) -> None:
+    """One ``credit_sync_audit`` row per applied id, from the loaded ``tmp_corrections``."""
     if applied:
         scratch.load(conn, tmp_applied, {"instance_id": applied})
         _insert_audit(conn, run_id=run_id, trigger=trigger, now=now)
-    return applied
 
 
 def _insert_audit(conn: Connection, *, run_id: str, trigger: str, now: datetime) -> None:
