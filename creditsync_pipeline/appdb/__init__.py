@@ -16,7 +16,12 @@ Callers use the names re-exported here: ``appdb.read_instances(...)``.
 from ..rules import CORRECTION_COLUMNS
 from . import limits
 from .corrections import ApplyResult, apply_corrections
-from .engine import check_connection, create_engine_from_url, shares_data_across_connections
+from .engine import (
+    check_connection,
+    create_engine_from_url,
+    database_now,
+    shares_data_across_connections,
+)
 from .errors import AppDatabaseError, redact_url
 from .migrations import init_db
 from .reads import count_instances, instances_created_since, load_plans, read_audit, read_instances
@@ -45,6 +50,7 @@ __all__ = [
     "count_instances",
     "create_engine_from_url",
     "credit_sync_audit",
+    "database_now",
     "init_db",
     "insert_instances",
     "instances",

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 _MAX_MESSAGE = 400
@@ -20,17 +21,54 @@ class AppDatabaseError(Exception):
     """An app-database operation failed; the message is one line and password-free."""
 
 
-def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``."""
-    url = str(url)
-    try:
-        from sqlalchemy.engine import make_url
+#: Query parameters that carry a password (matched in any case).
+SECRET_QUERY_PARAMS = ("password", "passwd", "pwd", "sslpassword")
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:%s)=)[^&]*" % "|".join(SECRET_QUERY_PARAMS))
 
-        rendered = make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not parseable as an SQLAlchemy URL: redact textually
-        rendered = re.sub(r"(://[^:/@?#]*):[^@/?#]*@", r"\1:***@", url)
-    # Passwords given as query parameters (e.g. ?password=...) are hidden too.
-    return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&#]*", r"\1***", rendered)
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with every password replaced by ``***``.
+
+    Textual, so it also works on what no parser accepts: the password in the
+    user-info part (which may itself contain ``@``, ``/``, ``?`` or ``:`` -- the
+    user-info ends at the *last* ``@`` of the authority) and the query parameters
+    ``password``, ``passwd``, ``pwd`` and ``sslpassword`` in any case. Where it is
+    unclear where the user-info ends, it hides too much rather than too little.
+    """
+    masked = _QUERY_SECRET.sub(r"\1***", str(url))
+    span = _password_span(masked)
+    if span is None:
+        return masked
+    start, end = span
+    return masked[:start] + "***" + masked[end:]
+
+
+def _password_span(url: str) -> tuple[int, int] | None:
+    """``(start, end)`` of the password in ``scheme://user:password@host...``, or None."""
+    scheme_end = url.find("://")
+    if scheme_end < 0:
+        return None
+    start = scheme_end + 3
+    if url.startswith("/", start):  # no authority at all (sqlite:///path)
+        return None
+    # The user-info ends at the last "@": a password may hold "@", "/", "?" or "#", a host
+    # name none of them. (A raw "@" in the path or a query value hides the host too.)
+    at = url.rfind("@", start)
+    if at < 0:
+        return None
+    colon = url.find(":", start, at)
+    if colon < 0:  # a user name, no password
+        return None
+    return colon + 1, at
+
+
+def url_secrets(url: URL) -> list[str]:
+    """The passwords an SQLAlchemy URL carries (user-info and query), to mask in messages."""
+    secrets = [url.password] if url.password else []
+    for key, value in url.query.items():
+        if key.lower() in SECRET_QUERY_PARAMS:
+            secrets.extend(v for v in ([value] if isinstance(value, str) else value) if v)
+    return [str(s) for s in secrets]
 
 
 def engine_label(engine: Engine) -> str:
@@ -38,9 +76,9 @@ def engine_label(engine: Engine) -> str:
     return redact_url(engine.url.render_as_string(hide_password=False))
 
 
-def one_line(message: str, secret: str | None = None) -> str:
-    """Squash a message to one trimmed line, with ``secret`` masked."""
-    if secret:
+def one_line(message: str, *secrets: str | None) -> str:
+    """Squash a message to one trimmed line, with each of ``secrets`` masked."""
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
         message = message.replace(secret, "***")
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     line = lines[0] if lines else ""
@@ -68,13 +106,13 @@ def _is_connect_failure(exc: BaseException) -> bool:
 def wrap(engine: Engine, action: str, exc: BaseException, note: str = "") -> AppDatabaseError:
     """Turn any failure into a one-line, password-free :class:`AppDatabaseError`."""
     label = engine_label(engine)
-    password = engine.url.password
-    why = one_line(reason(exc), password)
+    secrets = url_secrets(engine.url)
+    why = one_line(reason(exc), *secrets)
     if _is_connect_failure(exc):
         message = f"app database unreachable ({label}){note}: {why}"
     else:
         message = f"{action} failed{note} ({label}): {why}"
-    return AppDatabaseError(one_line(message, password))
+    return AppDatabaseError(one_line(message, *secrets))
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.engine import URL
+from sqlalchemy.sql import ColumnElement, func
 
 from .base import OnConflict, bind_processed, quoted_target
 
@@ -31,6 +32,10 @@ class SQLite(OnConflict):
     def begin_write(self, conn: Connection) -> None:
         # Take the write lock up front: no deadlock-prone upgrade from a read lock.
         conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+
+    def now(self) -> ColumnElement[Any]:
+        # CURRENT_TIMESTAMP has whole seconds only; this is UTC with milliseconds.
+        return func.strftime("%Y-%m-%d %H:%M:%f", "now")
 
     def load_rows(self, conn: Connection, table: Table, columns: Mapping[str, list[Any]]) -> None:
         """One plain DBAPI ``executemany`` (values already bind-processed)."""
