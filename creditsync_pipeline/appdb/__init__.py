@@ -28,6 +28,8 @@ from .reads import count_instances, instances_created_since, load_plans, read_au
 from .schema import billing_webhook_events, credit_sync_audit, instances, metadata, plans
 from .timestamps import UTCDateTime
 from .webhooks import (
+    DEFAULT_LEASE_SECONDS,
+    LandedEvent,
     WebhookEvent,
     claim_webhook_events,
     land_webhook_event,
@@ -38,6 +40,7 @@ from .webhooks import (
 from .writes import insert_instances, upsert_plans
 
 __all__ = [
+    "DEFAULT_LEASE_SECONDS",
     "AppDatabaseError",
     "ApplyResult",
     "CORRECTION_COLUMNS",
@@ -55,6 +58,7 @@ __all__ = [
     "insert_instances",
     "instances",
     "instances_created_since",
+    "LandedEvent",
     "land_webhook_event",
     "limits",
     "load_plans",

@@ -6,7 +6,8 @@ import os
 import re
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, inspect
+from sqlalchemy.exc import NoSuchTableError
 
 from . import dialects
 from .engine import write_transaction
@@ -32,8 +33,46 @@ def _split_statements(script: str) -> list[str]:
     return statements
 
 
+# ALTER TABLE [schema.]table ADD [COLUMN] column ... (identifiers bare or quoted).
+_IDENT = r'(?:"[^"]+"|`[^`]+`|\w+)'
+_ADD_COLUMN = re.compile(
+    rf"^ALTER\s+TABLE\s+(?:(?P<schema>{_IDENT})\.)?(?P<table>{_IDENT})\s+ADD\s+(?:COLUMN\s+)?(?P<column>{_IDENT})",
+    re.IGNORECASE,
+)
+
+
+def _unquote(identifier: str | None) -> str | None:
+    if identifier and identifier[0] in "\"`" and identifier[-1] == identifier[0]:
+        return identifier[1:-1]
+    return identifier
+
+
+def _added_column(statement: str) -> tuple[str | None, str, str] | None:
+    """``(schema, table, column)`` when ``statement`` is an ``ALTER TABLE ... ADD COLUMN``."""
+    code = "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--"))
+    match = _ADD_COLUMN.match(code.strip())
+    if match is None or match["column"].upper() in ("IF", "CONSTRAINT"):
+        return None  # "ADD COLUMN IF NOT EXISTS" and constraints: the server decides
+    return _unquote(match["schema"]), _unquote(match["table"]) or "", _unquote(match["column"]) or ""
+
+
+def _has_column(conn: Connection, schema: str | None, table: str, column: str) -> bool:
+    try:
+        columns = inspect(conn).get_columns(table, schema=schema)  # a fresh inspector: no cache
+    except NoSuchTableError:
+        return False  # let the statement fail with the server's own message
+    return any(c["name"].lower() == column.lower() for c in columns)  # no server cares for case here
+
+
 def init_db(engine: Engine) -> list[str]:
-    """Apply ``sql/<dialect>/*.sql`` in name order in one transaction; return the file names."""
+    """Apply ``sql/<dialect>/*.sql`` in name order in one transaction; return the file names.
+
+    Every file is idempotent: ``CREATE ... IF NOT EXISTS`` for new objects, and
+    ``ALTER TABLE t ADD COLUMN c ...`` for a column a later version added to an
+    existing table -- skipped when ``t`` already has ``c`` (asked of SQLAlchemy's
+    inspector inside the same transaction, not by swallowing an error), since
+    SQLite and MySQL have no ``ADD COLUMN IF NOT EXISTS``.
+    """
     dialect = dialects.of(engine)
     if dialect.sql_dir is None:
         raise AppDatabaseError(f"unsupported app database dialect: {engine.dialect.name}")
@@ -49,6 +88,9 @@ def init_db(engine: Engine) -> list[str]:
         try:
             for name, statements in scripts:
                 for statement in statements:
+                    added = _added_column(statement)
+                    if added is not None and _has_column(conn, *added):
+                        continue
                     try:
                         cursor.execute(statement)
                     except Exception as exc:

@@ -67,6 +67,9 @@ billing_webhook_events = Table(
     Column("processed_at", UTCDateTime(), nullable=True),
     Column("outcome", Text, nullable=True),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # 002_webhook_leases.sql: who holds the row, and until when (both NULL: nobody).
+    Column("claimed_by", Text, nullable=True),
+    Column("claimed_until", UTCDateTime(), nullable=True),
     sqlite_autoincrement=True,
 )
 Index(
