@@ -8,7 +8,8 @@ Modules (one concern each): :mod:`.errors` (errors, URL redaction),
 :mod:`.timestamps` (UTC column type), :mod:`.schema` (tables), :mod:`.migrations`
 (``init_db``), :mod:`.engine` (engines, transactions), :mod:`.reads`,
 :mod:`.writes` (seeding), :mod:`.corrections` (compare-and-set + audit),
-:mod:`.webhooks` (webhook rows), :mod:`.scratch` (bulk scratch tables),
+:mod:`.webhooks` (webhook rows and their leases), :mod:`.links` (billing customer
+links), :mod:`.scratch` (bulk scratch tables),
 :mod:`.dialects` (everything that differs per server), :mod:`.limits` (batch sizes).
 Callers use the names re-exported here: ``appdb.read_instances(...)``.
 """
@@ -23,9 +24,17 @@ from .engine import (
     shares_data_across_connections,
 )
 from .errors import AppDatabaseError, redact_url
+from .links import customer_links_for, instances_for_customers, remember_customer_links
 from .migrations import init_db
 from .reads import count_instances, instances_created_since, load_plans, read_audit, read_instances
-from .schema import billing_webhook_events, credit_sync_audit, instances, metadata, plans
+from .schema import (
+    billing_customer_links,
+    billing_webhook_events,
+    credit_sync_audit,
+    instances,
+    metadata,
+    plans,
+)
 from .timestamps import UTCDateTime
 from .webhooks import (
     DEFAULT_LEASE_SECONDS,
@@ -47,17 +56,20 @@ __all__ = [
     "UTCDateTime",
     "WebhookEvent",
     "apply_corrections",
+    "billing_customer_links",
     "billing_webhook_events",
     "check_connection",
     "claim_webhook_events",
     "count_instances",
     "create_engine_from_url",
     "credit_sync_audit",
+    "customer_links_for",
     "database_now",
     "init_db",
     "insert_instances",
     "instances",
     "instances_created_since",
+    "instances_for_customers",
     "LandedEvent",
     "land_webhook_event",
     "limits",
@@ -68,6 +80,7 @@ __all__ = [
     "read_audit",
     "read_instances",
     "redact_url",
+    "remember_customer_links",
     "shares_data_across_connections",
     "unprocessed_webhook_events",
     "upsert_plans",

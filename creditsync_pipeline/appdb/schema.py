@@ -96,3 +96,18 @@ credit_sync_audit = Table(
 )
 Index("ix_credit_sync_audit_instance_id", credit_sync_audit.c.instance_id)
 Index("ix_credit_sync_audit_run_id", credit_sync_audit.c.run_id)
+
+# 003_customer_links.sql: creditsync's own memory of instance -> billing customer.
+billing_customer_links = Table(
+    "billing_customer_links",
+    metadata,
+    Column("provider", Text, primary_key=True),
+    Column("instance_id", Text, primary_key=True),
+    Column("customer_id", Text, nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False, server_default=func.current_timestamp()),
+)
+Index(
+    "ix_billing_customer_links_customer",
+    billing_customer_links.c.provider,
+    billing_customer_links.c.customer_id,
+)

@@ -41,6 +41,15 @@ tmp_applied = Table(
     postgresql_on_commit="DROP",
 )
 
+tmp_links = Table(
+    "creditsync_tmp_links",
+    _scratch,
+    Column("instance_id", Text, nullable=False),
+    Column("customer_id", Text, nullable=False),
+    prefixes=["TEMPORARY"],
+    postgresql_on_commit="DROP",
+)
+
 
 def create(conn: Connection, *tables: Table) -> None:
     """(Re)create ``tables`` empty on ``conn``, inside its transaction."""

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Connection, Engine, Table, create_engine, insert
+from sqlalchemy import Connection, Engine, Select, Table, create_engine, insert, or_, true
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, func
 from sqlalchemy.sql.dml import Insert
@@ -67,6 +67,19 @@ class Dialect:
         """``INSERT`` of one row updating ``update`` when ``key`` exists (None: unsupported)."""
         return None
 
+    def upsert_from_select(
+        self,
+        table: Table,
+        names: Sequence[str],
+        source: Select[Any],
+        key: Sequence[str],
+        update: Sequence[str],
+        changed: Sequence[str],
+    ) -> Insert | None:
+        """``INSERT INTO table (names) <source>``; where ``key`` exists, set the ``update``
+        columns on the rows whose ``changed`` columns differ (None: unsupported)."""
+        return None
+
     def now(self) -> ColumnElement[Any]:
         """The server's current time, as an SQL expression."""
         return func.current_timestamp()
@@ -87,6 +100,23 @@ class OnConflict(Dialect):
         stmt = self._insert()(table).values(dict(values))
         return stmt.on_conflict_do_update(
             index_elements=list(key), set_={name: stmt.excluded[name] for name in update}
+        )
+
+
+    def upsert_from_select(
+        self,
+        table: Table,
+        names: Sequence[str],
+        source: Select[Any],
+        key: Sequence[str],
+        update: Sequence[str],
+        changed: Sequence[str],
+    ) -> Insert:
+        # SQLite needs a WHERE in an upsert's SELECT to parse ON CONFLICT as the upsert's.
+        stmt = self._insert()(table).from_select(list(names), source.where(true()))
+        differs = or_(*(table.c[name].is_distinct_from(stmt.excluded[name]) for name in changed))
+        return stmt.on_conflict_do_update(
+            index_elements=list(key), set_={name: stmt.excluded[name] for name in update}, where=differs
         )
 
 
