@@ -29,7 +29,7 @@ from .appdb_support import PLANS, dump_db, instance_row, seed
 def test_init_db_is_idempotent(engine: Engine) -> None:
     seed(engine, [instance_row("keep-me")])
     before = dump_db(engine)
-    files = ["001_schema.sql", "002_webhook_leases.sql", "003_customer_links.sql"]
+    files = ["001_schema.sql", "002_webhook_leases.sql", "003_customer_links.sql", "004_audit_reverts.sql"]
     assert init_db(engine) == files
     assert init_db(engine) == files
     assert dump_db(engine) == before

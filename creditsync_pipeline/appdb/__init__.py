@@ -8,6 +8,7 @@ Modules (one concern each): :mod:`.errors` (errors, URL redaction),
 :mod:`.timestamps` (UTC column type), :mod:`.schema` (tables), :mod:`.migrations`
 (``init_db``), :mod:`.engine` (engines, transactions), :mod:`.reads`,
 :mod:`.writes` (seeding), :mod:`.corrections` (compare-and-set + audit),
+:mod:`.revert` (undo one run from its audit rows),
 :mod:`.webhooks` (webhook rows and their leases), :mod:`.links` (billing customer
 links), :mod:`.scratch` (bulk scratch tables),
 :mod:`.dialects` (everything that differs per server), :mod:`.limits` (batch sizes).
@@ -23,10 +24,11 @@ from .engine import (
     database_now,
     shares_data_across_connections,
 )
-from .errors import AppDatabaseError, redact_url
+from .errors import AppDatabaseError, UnknownRunError, redact_url
 from .links import customer_links_for, instances_for_customers, remember_customer_links
 from .migrations import init_db
 from .reads import count_instances, instances_created_since, load_plans, read_audit, read_instances
+from .revert import REVERT_COLUMNS, REVERT_TRIGGER, RevertResult, revert_reason, revert_run
 from .schema import (
     billing_customer_links,
     billing_webhook_events,
@@ -52,6 +54,10 @@ __all__ = [
     "DEFAULT_LEASE_SECONDS",
     "AppDatabaseError",
     "ApplyResult",
+    "REVERT_COLUMNS",
+    "REVERT_TRIGGER",
+    "RevertResult",
+    "UnknownRunError",
     "CORRECTION_COLUMNS",
     "UTCDateTime",
     "WebhookEvent",
@@ -81,6 +87,8 @@ __all__ = [
     "read_instances",
     "redact_url",
     "remember_customer_links",
+    "revert_reason",
+    "revert_run",
     "shares_data_across_connections",
     "unprocessed_webhook_events",
     "upsert_plans",

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, Engine, Text, delete, func, insert, literal, select, update
+from sqlalchemy import Connection, Engine, Text, and_, delete, func, insert, literal, select, update
 from sqlalchemy.sql import ColumnElement
 
 # The corrections frame is the rules' output; one definition of its columns.
@@ -155,20 +155,31 @@ def cas_update(conn: Connection, *, now: datetime, condition: ColumnElement[bool
     and ``condition`` (if any) holds.
     """
     t = tmp_corrections
-    where = [
-        instances.c.instance_id == t.c.instance_id,
-        instances.c.plan_id == t.c.old_plan_id,
-        instances.c.credits_total == t.c.old_credits_total,
-    ]
-    if condition is not None:
-        where.append(condition)
     stmt = (
         update(instances)
-        .where(*where)
+        .where(*_cas_holds(condition))
         .values(plan_id=t.c.new_plan_id, credits_total=t.c.new_credits_total, updated_at=now)
         .returning(instances.c.instance_id)
     )
     return list(conn.execute(stmt).scalars())
+
+
+def cas_matches(conn: Connection, *, condition: ColumnElement[bool] | None = None) -> list[str]:
+    """The ids :func:`cas_update` would change now, changing nothing (a dry run)."""
+    t = tmp_corrections
+    joined = t.join(instances, and_(*_cas_holds(condition)))
+    return list(conn.execute(select(t.c.instance_id).select_from(joined).order_by(t.c.seq)).scalars())
+
+
+def _cas_holds(condition: ColumnElement[bool] | None) -> list[ColumnElement[bool]]:
+    """The compare-and-set: the row still holds what the plan expects (and ``condition``)."""
+    t = tmp_corrections
+    holds = [
+        instances.c.instance_id == t.c.instance_id,
+        instances.c.plan_id == t.c.old_plan_id,
+        instances.c.credits_total == t.c.old_credits_total,
+    ]
+    return holds if condition is None else [*holds, condition]
 
 
 def audit_applied(conn: Connection, applied: list[str], *, run_id: str, trigger: str, now: datetime) -> None:

@@ -21,6 +21,10 @@ class AppDatabaseError(Exception):
     """An app-database operation failed; the message is one line and password-free."""
 
 
+class UnknownRunError(AppDatabaseError):
+    """A run id with no audit rows (nothing it wrote can be found)."""
+
+
 #: Query parameters that carry a password (matched in any case).
 SECRET_QUERY_PARAMS = ("password", "passwd", "pwd", "sslpassword")
 _QUERY_SECRET = re.compile(r"(?i)([?&](?:%s)=)[^&]*" % "|".join(SECRET_QUERY_PARAMS))
@@ -116,11 +120,11 @@ def wrap(engine: Engine, action: str, exc: BaseException, note: str = "") -> App
 
 
 @contextmanager
-def errors(engine: Engine, action: str) -> Iterator[None]:
+def errors(engine: Engine, action: str, note: str = "") -> Iterator[None]:
     """Re-raise any failure inside the block as :func:`wrap` does."""
     try:
         yield
     except AppDatabaseError:
         raise
     except Exception as exc:
-        raise wrap(engine, action, exc) from exc
+        raise wrap(engine, action, exc, note=note) from exc

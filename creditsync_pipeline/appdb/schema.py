@@ -96,6 +96,13 @@ credit_sync_audit = Table(
 )
 Index("ix_credit_sync_audit_instance_id", credit_sync_audit.c.instance_id)
 Index("ix_credit_sync_audit_run_id", credit_sync_audit.c.run_id)
+# 004_audit_reverts.sql: finds a run's revert (trigger 'revert', reason 'revert of run <id>').
+Index(
+    "ix_credit_sync_audit_reverts",
+    credit_sync_audit.c.reason,
+    postgresql_where=credit_sync_audit.c.trigger == "revert",
+    sqlite_where=credit_sync_audit.c.trigger == "revert",
+)
 
 # 003_customer_links.sql: creditsync's own memory of instance -> billing customer.
 billing_customer_links = Table(

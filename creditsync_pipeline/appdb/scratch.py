@@ -12,22 +12,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Column, Connection, Integer, MetaData, Table, Text
+from sqlalchemy import BigInteger, Column, Connection, Integer, MetaData, Table, Text
 
 from . import dialects
 from .timestamps import UTCDateTime
 
 _scratch = MetaData()
 
+#: One planned compare-and-set per row: expect ``old_*``, write ``new_*``. ``seq`` orders the
+#: audit rows (a frame position, or an audit id: 64-bit). ``new_*`` may be NULL only for a
+#: revert's unrestorable target, which its CAS condition refuses.
 tmp_corrections = Table(
     "creditsync_tmp_corrections",
     _scratch,
-    Column("seq", Integer, nullable=False),
+    Column("seq", BigInteger().with_variant(Integer(), "sqlite"), nullable=False),
     Column("instance_id", Text, nullable=False),
     Column("old_plan_id", Text),
-    Column("new_plan_id", Text, nullable=False),
+    Column("new_plan_id", Text),
     Column("old_credits_total", Integer),
-    Column("new_credits_total", Integer, nullable=False),
+    Column("new_credits_total", Integer),
     Column("reason", Text),
     Column("basis_at", UTCDateTime()),
     prefixes=["TEMPORARY"],
