@@ -298,7 +298,9 @@ def run_batch(
     unclaimed_names: set[str] = set()
     result = BatchResult(instances=InstanceResults())
     if webhook_event_ids:
-        claimed = appdb.claim_webhook_events(engine, webhook_event_ids)
+        claimed = appdb.claim_webhook_events(
+            engine, webhook_event_ids, owner=run_id, lease_seconds=appdb.DEFAULT_LEASE_SECONDS
+        )
         taken = {row.id for row in claimed}
         result.already_processed = sorted({int(i) for i in webhook_event_ids} - taken)
         if result.already_processed:

@@ -224,7 +224,7 @@ class _Service:
         body.update(changed=False, outcome=outcome, old=dict(current), new=dict(current))
         return _Outcome(200, body)
 
-    def land(self, event: webhooks.WebhookEvent) -> bool:
+    def land(self, event: webhooks.WebhookEvent) -> appdb.LandedEvent:
         return appdb.land_webhook_event(
             self.engine,
             event_id=event.event_id,
@@ -358,7 +358,7 @@ def create_app(
             logger.warning("[CreditSync] Webhook refused: %s (%s)", exc.code, exc.message)
             return _error(exc.status, exc.code, exc.message)
         try:
-            inserted = await run_in_threadpool(service.land, event)
+            inserted = (await run_in_threadpool(service.land, event)).inserted
         except appdb.AppDatabaseError as exc:
             logger.error("[CreditSync] Webhook %s not landed: %s", event.event_id, sync.one_line(exc))
             return _error(503, "database_unavailable", "the event was not stored; retry later",
