@@ -326,7 +326,9 @@ def apply(
             f"(at {decision.fetched_at.isoformat(timespec='seconds')}; the limit is "
             f"{rules.MAX_DECISION_AGE.total_seconds() / 60:.0f}); nothing written: run the sync again"
         )
-    return appdb.apply_corrections(engine, decision.corrections, run_id=run_id, trigger=trigger, now=now)
+    return appdb.apply_corrections(
+        engine, decision.corrections, run_id=run_id, trigger=trigger, now=now, read_started_at=decision.read_started_at
+    )
 
 
 def verify(

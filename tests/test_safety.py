@@ -283,3 +283,32 @@ def test_the_mismatch_report_is_spreadsheet_safe_and_pruned(world, db_url, sim, 
     evil = frame[frame["current_plan_id"] == "'@pro"]
     assert evil["instance_id"].tolist() == ['\'=HYPERLINK("http://evil.example","x")']
     assert not frame.map(lambda v: isinstance(v, str) and v.startswith(("=", "+", "@"))).any().any()
+
+
+# -- 5. NULL updated_at -----------------------------------------------------------------------------
+
+
+def test_a_row_without_updated_at_is_not_overwritten_by_an_older_snapshot(world, db_url, sim):
+    """The list was fetched, then the app provisioned a paying instance without updated_at."""
+    engine = appdb.create_engine_from_url(db_url)
+    try:
+        with BillingClient(sim.base_url, TOKEN) as billing:
+            snapshot = sync.fetch_billing(billing, engine)  # billing has no record for "newcomer" (yet)
+        time.sleep(0.05)
+        appdb.insert_instances(engine, [{"instance_id": "newcomer", "plan_id": "pro", "credits_total": 5000,
+                                         "created_at": datetime.now(timezone.utc), "updated_at": None}])
+        state = sync.read_state(engine)
+        options = sync.SyncOptions(force=True)
+        decision = sync.decide(snapshot, state, options=options)
+        assert "newcomer" in set(decision.stale["instance_id"])  # newer than the snapshot: withheld
+        assert "newcomer" not in set(decision.corrections["instance_id"])
+        result = sync.apply(engine, decision, run_id="r1", trigger="manual", options=options)
+        assert result is not None
+        # ... and the database's compare-and-set says the same for a correction forced through:
+        forced = decision.stale[decision.stale["instance_id"] == "newcomer"]
+        again = appdb.apply_corrections(engine, forced, run_id="r2", trigger="manual",
+                                        now=datetime.now(timezone.utc), read_started_at=state.read_started_at)
+        assert again.applied.empty and list(again.skipped["instance_id"]) == ["newcomer"]
+    finally:
+        engine.dispose()
+    assert end_state(db_url)["newcomer"][:2] == ("pro", 5000)

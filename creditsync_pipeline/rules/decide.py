@@ -388,4 +388,5 @@ def decide(
         counts={kind: int((mismatches["kind"] == kind).sum()) for kind in KINDS},
         guard=guard,
         fetched_at=fetched_at,
+        read_started_at=read_started_at,
     )

@@ -67,3 +67,6 @@ class Decision:
     #: when the billing data behind this decision was fetched (its end): a decision older
     #: than ``MAX_DECISION_AGE`` at write time refuses to be written
     fetched_at: datetime | None = None
+    #: when the run started reading the rows (the compare-and-set's stamp of a row with
+    #: neither updated_at nor created_at)
+    read_started_at: datetime | None = None
