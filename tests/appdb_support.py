@@ -73,11 +73,14 @@ def dump_db(engine: Engine) -> dict[str, list]:
             names.append("sqlite_sequence")
             for name in names:
                 dump[name] = conn.exec_driver_sql(f'SELECT * FROM "{name}" ORDER BY 1').all()
-        else:
+        elif engine.dialect.name == "postgresql":
             for name in names:
                 dump[name] = conn.exec_driver_sql(
                     f'SELECT CAST(t AS text) FROM "{name}" AS t ORDER BY 1'
                 ).all()
+        else:  # MySQL/MariaDB (AUTO_INCREMENT, like a PostgreSQL sequence, is not transactional)
+            for name in names:
+                dump[name] = conn.exec_driver_sql(f"SELECT * FROM `{name}` ORDER BY 1").all()
     return dump
 
 
@@ -105,12 +108,14 @@ CREATE TABLE instances (
 def allow_null_created_at(engine: Engine) -> None:
     """Make the (empty) ``instances`` table an app's own shape: ``created_at`` nullable.
 
-    PostgreSQL alters the column; SQLite cannot, so the empty table is recreated.
+    PostgreSQL and MySQL alter the column; SQLite cannot, so the empty table is recreated.
     """
     with engine.begin() as conn:
         if engine.dialect.name == "sqlite":
             conn.exec_driver_sql("DROP TABLE instances")
             conn.exec_driver_sql(_SQLITE_INSTANCES_NULLABLE_CREATED_AT)
+        elif engine.dialect.name == "mysql":
+            conn.exec_driver_sql("ALTER TABLE instances MODIFY created_at DATETIME(6) NULL DEFAULT (UTC_TIMESTAMP(6))")
         else:
             conn.exec_driver_sql("ALTER TABLE instances ALTER COLUMN created_at DROP NOT NULL")
     assert {c["name"]: c["nullable"] for c in inspect(engine).get_columns("instances")}["created_at"]

@@ -1,9 +1,15 @@
-"""Shared fixtures: throw-away SQLite and PostgreSQL app databases.
+"""Shared fixtures: throw-away SQLite, PostgreSQL and MySQL/MariaDB app databases.
 
 PostgreSQL tests create a fresh database per test on the server named by
 ``CREDITSYNC_TEST_PG_ADMIN_URL`` (default: local ``postgres`` superuser). When the
 server is unreachable they are skipped, unless ``CREDITSYNC_REQUIRE_POSTGRES=1``
 (set in CI), in which case they fail.
+
+MySQL/MariaDB tests do the same on ``CREDITSYNC_TEST_MYSQL_ADMIN_URL`` (default: local
+``root`` without a password), mandatory with ``CREDITSYNC_REQUIRE_MYSQL=1``. Their
+databases default to a case- and accent-insensitive collation (``utf8mb4_general_ci``,
+what many apps run with), so the tests prove that the DDL's own exact collation, not
+the server's default, decides how ids compare.
 """
 
 from __future__ import annotations
@@ -18,14 +24,29 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 DEFAULT_PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+DEFAULT_MYSQL_ADMIN_URL = "mysql+pymysql://root@127.0.0.1:3306/"
 
 
 def _pg_admin_url() -> str:
     return os.environ.get("CREDITSYNC_TEST_PG_ADMIN_URL", DEFAULT_PG_ADMIN_URL)
 
 
+def _mysql_admin_url() -> str:
+    return os.environ.get("CREDITSYNC_TEST_MYSQL_ADMIN_URL", DEFAULT_MYSQL_ADMIN_URL)
+
+
+def _required(variable: str) -> bool:
+    return os.environ.get(variable, "").strip().lower() in {"1", "true", "yes"}
+
+
 def _postgres_required() -> bool:
-    return os.environ.get("CREDITSYNC_REQUIRE_POSTGRES", "").strip().lower() in {"1", "true", "yes"}
+    return _required("CREDITSYNC_REQUIRE_POSTGRES")
+
+
+def _unreachable(message: str, required: bool) -> None:
+    if required:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
 
 
 def _safe(url: str) -> str:
@@ -46,10 +67,7 @@ def pg_admin_engine() -> Iterator[Engine]:
     except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
         engine.dispose()
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        message = f"PostgreSQL not reachable at {_safe(url)}: {reason}"
-        if _postgres_required():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        _unreachable(f"PostgreSQL not reachable at {_safe(url)}: {reason}", _postgres_required())
     yield engine
     engine.dispose()
 
@@ -76,6 +94,46 @@ def pg_url(pg_admin_engine: Engine) -> Iterator[str]:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"{force}'))
 
 
+@pytest.fixture(scope="session")
+def mysql_admin_engine() -> Iterator[Engine]:
+    """An AUTOCOMMIT engine on the MySQL/MariaDB server (skip/fail if down)."""
+    url = _mysql_admin_url()
+    try:
+        engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure (driver missing, server down) means "not reachable"
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        _unreachable(f"MySQL/MariaDB not reachable at {_safe(url)}: {reason}", _required("CREDITSYNC_REQUIRE_MYSQL"))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def mysql_url(mysql_admin_engine: Engine) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh, empty MySQL/MariaDB database, dropped afterwards."""
+    name = f"creditsync_test_{uuid.uuid4().hex[:12]}"
+    with mysql_admin_engine.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"))
+    url = make_url(_mysql_admin_url()).set(database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with mysql_admin_engine.connect() as conn:
+            # A connection the test left open (a killed subprocess's, say) must not hold
+            # the DROP on a metadata lock.
+            ids = conn.execute(
+                text("SELECT id FROM information_schema.PROCESSLIST WHERE db = :name AND id <> CONNECTION_ID()"),
+                {"name": name},
+            ).scalars().all()
+            for pid in ids:
+                try:
+                    conn.execute(text(f"KILL {int(pid)}"))
+                except Exception:  # noqa: BLE001 - it may have ended meanwhile
+                    pass
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """SQLAlchemy URL of a fresh SQLite file database."""
@@ -86,11 +144,12 @@ def sqlite_url(tmp_path: Path) -> str:
     params=[
         pytest.param("sqlite", id="sqlite"),
         pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", id="mysql", marks=pytest.mark.mysql),
     ]
 )
 def db_url(request: pytest.FixtureRequest) -> str:
     """The URL of a fresh app database, once per backend."""
-    fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    fixture = {"sqlite": "sqlite_url", "postgres": "pg_url", "mysql": "mysql_url"}[request.param]
     return request.getfixturevalue(fixture)
 
 

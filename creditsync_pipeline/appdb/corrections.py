@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Connection, Engine, Text, and_, delete, func, insert, literal, select, update
+from sqlalchemy import Connection, Engine, Text, and_, delete, func, insert, literal, select
 from sqlalchemy.sql import ColumnElement
 
 # The corrections frame is the rules' output; one definition of its columns.
@@ -152,16 +152,19 @@ def cas_update(conn: Connection, *, now: datetime, condition: ColumnElement[bool
 
     A row gets ``new_plan_id`` / ``new_credits_total`` and ``updated_at = now`` (never
     ``credits_used``) only while it still holds ``old_plan_id`` / ``old_credits_total``
-    and ``condition`` (if any) holds.
+    and ``condition`` (if any) holds. The ids come from the statement itself
+    (``RETURNING``; on MySQL the same ``UPDATE ... JOIN`` marks ``tmp_corrections.applied``),
+    never from a second look that a concurrent writer could change.
     """
     t = tmp_corrections
-    stmt = (
-        update(instances)
-        .where(*_cas_holds(condition))
-        .values(plan_id=t.c.new_plan_id, credits_total=t.c.new_credits_total, updated_at=now)
-        .returning(instances.c.instance_id)
+    values = {
+        instances.c.plan_id: t.c.new_plan_id,
+        instances.c.credits_total: t.c.new_credits_total,
+        instances.c.updated_at: now,
+    }
+    return dialects.of(conn).update_from(
+        conn, instances, values, where=_cas_holds(condition), returning=instances.c.instance_id, applied=t.c.applied
     )
-    return list(conn.execute(stmt).scalars())
 
 
 def cas_matches(conn: Connection, *, condition: ColumnElement[bool] | None = None) -> list[str]:
@@ -184,13 +187,22 @@ def _cas_holds(condition: ColumnElement[bool] | None) -> list[ColumnElement[bool
 
 def audit_applied(conn: Connection, applied: list[str], *, run_id: str, trigger: str, now: datetime) -> None:
     """One ``credit_sync_audit`` row per applied id, from the loaded ``tmp_corrections``."""
-    if applied:
-        scratch.load(conn, tmp_applied, {"instance_id": applied})
-        _insert_audit(conn, run_id=run_id, trigger=trigger, now=now)
+    if not applied:
+        return
+    t = tmp_corrections
+    if dialects.of(conn).marks_applied:  # the compare-and-set marked its rows already
+        _insert_audit(conn, run_id=run_id, trigger=trigger, now=now, where=t.c.applied.is_(True))
+        return
+    scratch.load(conn, tmp_applied, {"instance_id": applied})
+    _insert_audit(
+        conn, run_id=run_id, trigger=trigger, now=now, where=t.c.instance_id.in_(select(tmp_applied.c.instance_id))
+    )
 
 
-def _insert_audit(conn: Connection, *, run_id: str, trigger: str, now: datetime) -> None:
-    """Audit every correction of the current batch that was applied."""
+def _insert_audit(
+    conn: Connection, *, run_id: str, trigger: str, now: datetime, where: ColumnElement[bool]
+) -> None:
+    """Audit every correction of the current batch that was applied (``where``)."""
     t = tmp_corrections
     source = (
         select(
@@ -204,7 +216,7 @@ def _insert_audit(conn: Connection, *, run_id: str, trigger: str, now: datetime)
             t.c.reason,
             literal(now, UTCDateTime()),
         )
-        .where(t.c.instance_id.in_(select(tmp_applied.c.instance_id)))
+        .where(where)
         .order_by(t.c.seq)
     )
     target = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 
@@ -30,6 +31,19 @@ def utc_series(values: Sequence[Any]) -> pd.Series:
 
 def bool_series(values: Sequence[Any]) -> pd.Series:
     return pd.Series(list(values), dtype="bool")
+
+
+_NAT = np.iinfo(np.int64).min  # NaT's bit pattern in a datetime64 array
+
+
+def utc_from_epoch_micros(micros: pd.Series) -> pd.Series:
+    """A nullable integer column of microseconds since the epoch as datetime64[ns, UTC]."""
+    values = micros.to_numpy(dtype="int64", na_value=_NAT)
+    return (
+        pd.Series(values.view("datetime64[us]"), index=micros.index)
+        .dt.tz_localize("UTC")
+        .astype("datetime64[ns, UTC]")
+    )
 
 
 ColumnMaker = Callable[[Sequence[Any]], pd.Series]

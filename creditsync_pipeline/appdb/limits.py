@@ -10,5 +10,7 @@ APPLY_BATCH_SIZE = 50_000
 READ_CHUNK_SIZE = 500
 #: Ids per ``COPY ... WHERE instance_id = ANY(...)`` on PostgreSQL.
 COPY_READ_CHUNK_SIZE = 100_000
+#: Ids per ``IN (...)`` page of the MySQL read (quoted in the SQL: at most ~5 MB of text).
+MYSQL_READ_CHUNK_SIZE = 5_000
 #: Rows per executemany in the insert helpers.
 INSERT_CHUNK_SIZE = 10_000

@@ -29,7 +29,8 @@ def remember_customer_links(
     """Upsert ``instance_id -> customer_id`` links of ``provider``; return the rows written.
 
     Bulk: one load into a scratch table (COPY on PostgreSQL) and one
-    ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``, whatever the number of links
+    ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` (MySQL: one ``UPDATE ... JOIN`` and
+    one ``INSERT ... SELECT``), whatever the number of links
     (a full sync hands over every link it saw). A link that already says the same
     is left alone (not counted, ``updated_at`` kept: when the link last changed);
     a changed one gets the new customer and ``updated_at = now`` (default: the
@@ -59,13 +60,12 @@ def remember_customer_links(
             tmp_links.c.customer_id,
             literal(stamp or connection_now(conn), UTCDateTime()),
         )
-        stmt = dialects.of(conn).upsert_from_select(
-            _l, ["provider", "instance_id", "customer_id", "updated_at"], source,
+        written = dialects.of(conn).upsert_from_select(
+            conn, _l, ["provider", "instance_id", "customer_id", "updated_at"], source,
             key=["provider", "instance_id"], update=["customer_id", "updated_at"], changed=["customer_id"],
         )
-        if stmt is None:
+        if written is None:
             raise AppDatabaseError(f"customer links are not supported on {engine.dialect.name}")
-        written = int(conn.execute(stmt).rowcount or 0)
         scratch.drop(conn, tmp_links)
     return written
 

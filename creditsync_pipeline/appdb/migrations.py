@@ -41,6 +41,13 @@ _ADD_COLUMN = re.compile(
 )
 
 
+# CREATE [UNIQUE] INDEX index ON [schema.]table ... (not "IF NOT EXISTS": the server decides).
+_CREATE_INDEX = re.compile(
+    rf"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?P<index>{_IDENT})\s+ON\s+(?:(?P<schema>{_IDENT})\.)?(?P<table>{_IDENT})",
+    re.IGNORECASE,
+)
+
+
 def _unquote(identifier: str | None) -> str | None:
     if identifier and identifier[0] in "\"`" and identifier[-1] == identifier[0]:
         return identifier[1:-1]
@@ -49,11 +56,39 @@ def _unquote(identifier: str | None) -> str | None:
 
 def _added_column(statement: str) -> tuple[str | None, str, str] | None:
     """``(schema, table, column)`` when ``statement`` is an ``ALTER TABLE ... ADD COLUMN``."""
-    code = "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--"))
-    match = _ADD_COLUMN.match(code.strip())
+    match = _ADD_COLUMN.match(_code(statement))
     if match is None or match["column"].upper() in ("IF", "CONSTRAINT"):
         return None  # "ADD COLUMN IF NOT EXISTS" and constraints: the server decides
     return _unquote(match["schema"]), _unquote(match["table"]) or "", _unquote(match["column"]) or ""
+
+
+def _created_index(statement: str) -> tuple[str | None, str, str] | None:
+    """``(schema, table, index)`` when ``statement`` is a ``CREATE INDEX`` without ``IF NOT EXISTS``."""
+    match = _CREATE_INDEX.match(_code(statement))
+    if match is None or match["index"].upper() == "IF":
+        return None
+    return _unquote(match["schema"]), _unquote(match["table"]) or "", _unquote(match["index"]) or ""
+
+
+def _code(statement: str) -> str:
+    return "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--")).strip()
+
+
+def _has_index(conn: Connection, schema: str | None, table: str, index: str) -> bool:
+    try:
+        indexes = inspect(conn).get_indexes(table, schema=schema)
+    except NoSuchTableError:
+        return False
+    return any((ix["name"] or "").lower() == index.lower() for ix in indexes)
+
+
+def _skippable(conn: Connection, statement: str) -> bool:
+    """The statement would add what exists already (a column, an index): skip it."""
+    added = _added_column(statement)
+    if added is not None:
+        return _has_column(conn, *added)
+    created = _created_index(statement)
+    return created is not None and _has_index(conn, *created)
 
 
 def _has_column(conn: Connection, schema: str | None, table: str, column: str) -> bool:
@@ -71,7 +106,15 @@ def init_db(engine: Engine) -> list[str]:
     ``ALTER TABLE t ADD COLUMN c ...`` for a column a later version added to an
     existing table -- skipped when ``t`` already has ``c`` (asked of SQLAlchemy's
     inspector inside the same transaction, not by swallowing an error), since
-    SQLite and MySQL have no ``ADD COLUMN IF NOT EXISTS``.
+    SQLite and MySQL have no ``ADD COLUMN IF NOT EXISTS``. Likewise a plain
+    ``CREATE INDEX i ON t ...`` is skipped when ``t`` has an index ``i`` (MySQL has no
+    ``CREATE INDEX IF NOT EXISTS``).
+
+    MySQL/MariaDB commit each DDL statement on their own (implicit commit), so there
+    a failure leaves the statements before it applied; every statement being
+    idempotent, the next ``init_db`` completes the rest. Concurrent runs are
+    serialised by the dialect's schema lock (PostgreSQL: an advisory lock; MySQL: a
+    named ``GET_LOCK``).
     """
     dialect = dialects.of(engine)
     if dialect.sql_dir is None:
@@ -88,8 +131,7 @@ def init_db(engine: Engine) -> list[str]:
         try:
             for name, statements in scripts:
                 for statement in statements:
-                    added = _added_column(statement)
-                    if added is not None and _has_column(conn, *added):
+                    if _skippable(conn, statement):
                         continue
                     try:
                         cursor.execute(statement)
@@ -97,4 +139,5 @@ def init_db(engine: Engine) -> list[str]:
                         raise wrap(engine, f"init-db ({name})", exc) from exc
         finally:
             cursor.close()
+            dialect.unlock_schema(conn)
     return [name for name, _ in scripts]

@@ -10,12 +10,18 @@ from sqlalchemy import DateTime
 from sqlalchemy.types import TypeDecorator
 
 
+#: Backends whose timestamp columns hold naive UTC values.
+_NAIVE_UTC = frozenset({"sqlite", "mysql", "mariadb"})
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timestamp stored in UTC and always returned as an aware UTC datetime.
 
     Binds aware datetimes converted to UTC (naive values are taken as UTC).
     On SQLite the value is stored as naive UTC text ``YYYY-MM-DD HH:MM:SS.ffffff``,
-    so string comparison in SQL orders timestamps correctly.
+    so string comparison in SQL orders timestamps correctly. On MySQL/MariaDB it is
+    a naive UTC ``DATETIME(6)`` (microseconds kept; no server-side time zone
+    conversion, whatever the session's time zone).
     """
 
     impl = DateTime(timezone=True)
@@ -25,9 +31,16 @@ class UTCDateTime(TypeDecorator[datetime]):
     def python_type(self) -> type[datetime]:
         return datetime
 
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name in ("mysql", "mariadb"):  # DATETIME with microseconds, not whole seconds
+            from sqlalchemy.dialects.mysql import DATETIME
+
+            return DATETIME(fsp=6)
+        return self.impl_instance
+
     def process_bind_param(self, value: Any, dialect: Any) -> datetime | None:
         value = to_utc_datetime(value)
-        if value is not None and dialect.name == "sqlite":
+        if value is not None and dialect.name in _NAIVE_UTC:
             return value.replace(tzinfo=None)
         return value
 

@@ -86,11 +86,10 @@ def land_webhook_event(
     """
     leasing = _lease_request(lease_owner, lease_seconds)
     values = {"event_id": event_id, "event_type": event_type, "instance_id": instance_id, "payload": payload}
-    stmt = dialects.of(engine).insert_ignoring(_e, values, key=["event_id"])
-    if stmt is None:
-        raise AppDatabaseError(f"landing webhook events is not supported on {engine.dialect.name}")
     with errors(engine, "landing a webhook event"), write_transaction(engine) as conn:
-        inserted = conn.execute(stmt).rowcount == 1
+        inserted = dialects.of(conn).insert_row_ignoring(conn, _e, values, key=["event_id"])
+        if inserted is None:
+            raise AppDatabaseError(f"landing webhook events is not supported on {engine.dialect.name}")
         row_id = int(conn.execute(select(_e.c.id).where(_e.c.event_id == event_id)).scalar_one())
         leased = False
         if leasing is not None:

@@ -2,10 +2,10 @@
 
 Callers inside :mod:`creditsync_pipeline.appdb` ask ``dialects.of(conn)`` (or
 ``dialects.for_name("postgresql")``) for a :class:`~.base.Dialect` and call its
-methods: engine setup, write-transaction start, schema lock, bulk loads, the fast
-instance read, conflict-tolerant inserts and upserts, the server clock. A new
-server (MySQL/MariaDB) is one more module here plus ``sql/<dialect>/``; nothing
-outside this package changes.
+methods: engine setup, write-transaction start, schema lock, scratch tables, bulk
+loads, the fast instance read, the compare-and-set UPDATE, conflict-tolerant inserts
+and upserts, the server clock. A server is one module here plus ``sql/<dialect>/``:
+PostgreSQL, SQLite, MySQL/MariaDB; nothing outside this package differs per server.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Dialect
+from .mysql import MySQL
 from .postgresql import PostgreSQL
 from .sqlite import SQLite
 
@@ -20,8 +21,16 @@ __all__ = ["Dialect", "for_name", "of"]
 
 _GENERIC = Dialect()
 _POSTGRESQL = PostgreSQL()
-#: Backend names as SQLAlchemy reports them ("postgres" only in a Heroku-style URL).
-_BY_NAME: dict[str, Dialect] = {"postgresql": _POSTGRESQL, "postgres": _POSTGRESQL, "sqlite": SQLite()}
+_MYSQL = MySQL()
+#: Backend names as SQLAlchemy reports them ("postgres" only in a Heroku-style URL;
+#: "mariadb" for a mariadb:// URL, "mysql" for mysql:// whichever server answers).
+_BY_NAME: dict[str, Dialect] = {
+    "postgresql": _POSTGRESQL,
+    "postgres": _POSTGRESQL,
+    "sqlite": SQLite(),
+    "mysql": _MYSQL,
+    "mariadb": _MYSQL,
+}
 
 
 def for_name(name: str) -> Dialect:

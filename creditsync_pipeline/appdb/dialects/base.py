@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Connection, Engine, Select, Table, create_engine, insert, or_, true
+from sqlalchemy import Column, Connection, Engine, Select, Table, create_engine, insert, or_, true, update
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, func
 from sqlalchemy.sql.dml import Insert
@@ -21,6 +21,9 @@ class Dialect:
     sql_dir: str | None = None
     #: Schema that holds TEMPORARY tables, to drop them unambiguously.
     temp_schema: str | None = None
+    #: :meth:`update_from` marks the changed rows in the scratch table's ``applied``
+    #: column (so the audit can select them there instead of from a reloaded id list).
+    marks_applied = False
 
     # ----------------------------------------------------------------- engine
 
@@ -36,6 +39,20 @@ class Dialect:
 
     def lock_schema(self, conn: Connection) -> None:
         """Serialise concurrent ``init_db`` runs (inside its transaction)."""
+
+    def unlock_schema(self, conn: Connection) -> None:
+        """Release what :meth:`lock_schema` took, if the transaction's end does not."""
+
+    # ------------------------------------------------------------- scratch
+
+    def create_temporary(self, conn: Connection, table: Table) -> None:
+        """Create the (TEMPORARY) scratch ``table`` on ``conn``; it does not exist yet."""
+        table.create(conn)
+
+    def drop_temporary(self, conn: Connection, table: Table) -> None:
+        """Drop the scratch ``table`` if it exists -- never a real table of that name."""
+        name = f"{self.temp_schema}.{table.name}" if self.temp_schema else table.name
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
 
     # ------------------------------------------------------------------ bulk
 
@@ -53,6 +70,25 @@ class Dialect:
         """A faster ``read_instances`` than bound SELECTs, or None when there is none."""
         return None
 
+    def update_from(
+        self,
+        conn: Connection,
+        table: Table,
+        values: Mapping[Column[Any], Any],
+        *,
+        where: Sequence[ColumnElement[bool]],
+        returning: Column[Any],
+        applied: Column[Any],
+    ) -> list[Any]:
+        """``UPDATE table SET values WHERE where`` (joined to a scratch table); return the
+        ``returning`` value of every row the statement changed.
+
+        ``applied`` is the scratch table's marker column, for servers without
+        ``UPDATE ... RETURNING`` (:attr:`marks_applied`). Here: RETURNING.
+        """
+        stmt = update(table).where(*where).values(dict(values)).returning(returning)
+        return list(conn.execute(stmt).scalars())
+
     # ------------------------------------------------------------ statements
 
     def insert_ignoring(
@@ -60,6 +96,15 @@ class Dialect:
     ) -> Insert | None:
         """``INSERT`` of one row that does nothing when ``key`` exists (None: unsupported)."""
         return None
+
+    def insert_row_ignoring(
+        self, conn: Connection, table: Table, values: Mapping[str, Any], key: Sequence[str]
+    ) -> bool | None:
+        """Insert one row unless ``key`` exists; whether it was inserted (None: unsupported)."""
+        stmt = self.insert_ignoring(table, values, key)
+        if stmt is None:
+            return None
+        return conn.execute(stmt).rowcount == 1
 
     def upsert(
         self, table: Table, values: Mapping[str, Any], key: Sequence[str], update: Sequence[str]
@@ -69,15 +114,17 @@ class Dialect:
 
     def upsert_from_select(
         self,
+        conn: Connection,
         table: Table,
         names: Sequence[str],
         source: Select[Any],
         key: Sequence[str],
         update: Sequence[str],
         changed: Sequence[str],
-    ) -> Insert | None:
+    ) -> int | None:
         """``INSERT INTO table (names) <source>``; where ``key`` exists, set the ``update``
-        columns on the rows whose ``changed`` columns differ (None: unsupported)."""
+        columns on the rows whose ``changed`` columns differ. Returns the rows inserted or
+        changed (None: unsupported)."""
         return None
 
     def now(self) -> ColumnElement[Any]:
@@ -105,19 +152,21 @@ class OnConflict(Dialect):
 
     def upsert_from_select(
         self,
+        conn: Connection,
         table: Table,
         names: Sequence[str],
         source: Select[Any],
         key: Sequence[str],
         update: Sequence[str],
         changed: Sequence[str],
-    ) -> Insert:
+    ) -> int:
         # SQLite needs a WHERE in an upsert's SELECT to parse ON CONFLICT as the upsert's.
         stmt = self._insert()(table).from_select(list(names), source.where(true()))
         differs = or_(*(table.c[name].is_distinct_from(stmt.excluded[name]) for name in changed))
-        return stmt.on_conflict_do_update(
+        stmt = stmt.on_conflict_do_update(
             index_elements=list(key), set_={name: stmt.excluded[name] for name in update}, where=differs
         )
+        return int(conn.execute(stmt).rowcount or 0)
 
 
 def bind_processed(conn: Connection, table: Table, columns: Mapping[str, list[Any]]) -> list[list[Any]]:

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from sqlalchemy import Connection, Table, text
 from sqlalchemy.engine import URL
@@ -28,7 +27,6 @@ _COPY_INSTANCES_SQL = (
     + ", ".join(_EPOCH_US.format(name) for name in _TIMESTAMPS)
     + " FROM instances{where}{order}) TO STDOUT WITH (FORMAT csv)"
 )
-_NAT = np.iinfo(np.int64).min  # NaT's bit pattern in a datetime64 array
 
 
 class PostgreSQL(OnConflict):
@@ -118,12 +116,7 @@ class PostgreSQL(OnConflict):
         )
         sink.close()
         for name in _TIMESTAMPS:
-            micros = frame[name].to_numpy(dtype="int64", na_value=_NAT)
-            frame[name] = (
-                pd.Series(micros.view("datetime64[us]"), index=frame.index)
-                .dt.tz_localize("UTC")
-                .astype("datetime64[ns, UTC]")
-            )
+            frame[name] = frames.utc_from_epoch_micros(frame[name])
         return frame
 
 
