@@ -164,6 +164,66 @@ def test_concurrent_writer_wins_over_compare_and_set(engine: Engine) -> None:
     assert read_audit(engine)["instance_id"].tolist() == ["calm"]
 
 
+def test_applied_ids_are_exactly_the_rows_this_apply_changed_under_concurrent_writers(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other writers make the very same correction while the apply runs (say, targeted syncs).
+
+    Every row ends on pro/5000 either way; only ``updated_at`` tells whose write it was. The
+    applied list and the audit must name exactly the rows this apply changed -- not a row
+    that merely holds the new values afterwards (MySQL has no RETURNING: its UPDATE marks
+    its own rows). Many batches in one transaction, so the writers interleave with them.
+    """
+    import random
+
+    n = 3_000
+    writer_time = NOW + timedelta(seconds=7)
+    seed(engine, [instance_row(f"r{i:04d}") for i in range(n)])
+    monkeypatch.setattr(appdb.limits, "APPLY_BATCH_SIZE", 150)
+    stop = threading.Event()
+    hijacks = {"n": 0}
+    errors: list[BaseException] = []
+
+    def writer(seed_: int) -> None:
+        rng = random.Random(seed_)
+        t = appdb.instances
+        try:
+            while not stop.is_set():
+                iid = f"r{rng.randrange(n):04d}"
+                with engine.begin() as conn:
+                    hijacks["n"] += conn.execute(
+                        t.update()
+                        .where(t.c.instance_id == iid, t.c.plan_id == "free", t.c.credits_total == 100)
+                        .values(plan_id="pro", credits_total=5000, updated_at=writer_time)
+                    ).rowcount
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while hijacks["n"] < 20 and time.monotonic() < deadline and not errors:
+            time.sleep(0.01)
+        corrections = corrections_frame([{"instance_id": f"r{i:04d}"} for i in range(n)])
+        result = apply_corrections(engine, corrections, run_id="race", trigger="periodic", now=NOW)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not errors, errors
+    rows = read_instances(engine)
+    assert set(rows["plan_id"]) == {"pro"}
+    ours = set(rows.loc[rows["updated_at"] == pd.Timestamp(NOW), "instance_id"])
+    theirs = set(rows.loc[rows["updated_at"] == pd.Timestamp(writer_time), "instance_id"])
+    assert ours | theirs == set(rows["instance_id"]) and theirs  # the writers did win some rows
+    assert set(result.applied["instance_id"]) == ours
+    assert set(result.skipped["instance_id"]) == theirs
+    audit = read_audit(engine, "race")
+    assert len(audit) == len(ours) and set(audit["instance_id"]) == ours
+
+
 def test_never_overwrites_state_newer_than_the_basis(engine: Engine) -> None:
     seed(engine, [
         instance_row("older", updated_at=BASIS - timedelta(microseconds=1)),

@@ -40,6 +40,9 @@ def test_redact_url_hides_passwords() -> None:
     [
         ("postgresql://u:p@ss@host/db", "postgresql://u:***@host/db", ["p@ss", "ss@"]),
         ("mysql+pymysql://u:a@b@h/d", "mysql+pymysql://u:***@h/d", ["a@b", "b@"]),
+        ("mysql+pymysql://u:p@ss@h/d", "mysql+pymysql://u:***@h/d", ["p@ss", "ss@"]),
+        ("mysql+pymysql://app:S3c/r?t#x@db:3306/app?charset=utf8mb4", "mysql+pymysql://app:***@db:3306/app?charset=utf8mb4", ["S3c", "r?t"]),
+        ("mariadb+pymysql://u:Mq@1@h/d?password=Mq2", "mariadb+pymysql://u:***@h/d?password=***", ["Mq@1", "Mq2"]),
         ("postgresql://u:Xq@Zw@Yv@db.example:5432/app", "postgresql://u:***@db.example:5432/app", ["Xq", "Zw", "Yv"]),
         ("postgresql://u:Sl/as?h#Qm@host/db", "postgresql://u:***@host/db", ["Sl", "Qm"]),
         ("postgresql://azure@srv:Pw@@Xk@host/db", "postgresql://azure@srv:***@host/db", ["Pw", "Xk"]),
@@ -67,6 +70,8 @@ def test_redact_url_leaves_no_part_of_a_password(url: str, expected: str, secret
     [
         ("postgresql+psycopg2://alice:Xq@Zw7@127.0.0.1:1/appdb", "Xq@Zw7"),
         ("postgresql+psycopg2://alice:Xq@Zw7@Yv9@127.0.0.1:1/appdb", "Xq@Zw7@Yv9"),
+        ("mysql+pymysql://alice:Pq@ss7@127.0.0.1:1/appdb", "Pq@ss7"),
+        ("mysql+pymysql://alice:Xq@Zw7@Yv9@127.0.0.1:1/appdb", "Xq@Zw7@Yv9"),
     ],
 )
 def test_a_password_with_at_signs_reaches_the_driver_whole_and_never_a_message(url: str, password: str) -> None:
@@ -79,8 +84,10 @@ def test_a_password_with_at_signs_reaches_the_driver_whole_and_never_a_message(u
             read_instances(eng)
     finally:
         eng.dispose()
+    shown = redact_url(eng.url.render_as_string(hide_password=False))
+    assert shown.startswith(url.split("://")[0] + "://alice:***@127.0.0.1:1/appdb")
     for message in (str(caught.value), str(caught_read.value)):
-        assert message.startswith("app database unreachable (postgresql+psycopg2://alice:***@127.0.0.1:1/appdb)")
+        assert message.startswith(f"app database unreachable ({shown})")
         for part in password.split("@"):
             assert part not in message
 
@@ -119,9 +126,12 @@ def test_database_now_on_an_unreachable_server_is_one_line() -> None:
     assert "\n" not in str(caught.value) and "Pw-9z" not in str(caught.value)
 
 
-def test_unreachable_postgres_error_hides_the_password() -> None:
+@pytest.mark.parametrize("scheme", ["postgresql+psycopg2", "mysql+pymysql"])
+def test_unreachable_server_error_hides_the_password(scheme: str) -> None:
     secret = "s3cr3t-Pa55w0rd"
-    eng = create_engine_from_url(f"postgresql+psycopg2://alice:{secret}@127.0.0.1:1/appdb")
+    eng = create_engine_from_url(f"{scheme}://alice:{secret}@127.0.0.1:1/appdb")
+    shown = redact_url(eng.url.render_as_string(hide_password=False))
+    assert secret not in shown
     try:
         for call in (
             lambda: appdb.check_connection(eng),
@@ -136,7 +146,7 @@ def test_unreachable_postgres_error_hides_the_password() -> None:
             message = str(caught.value)
             assert secret not in message
             assert "\n" not in message
-            assert message.startswith("app database unreachable (postgresql+psycopg2://alice:***@127.0.0.1:1/appdb)")
+            assert message.startswith(f"app database unreachable ({shown})")
     finally:
         eng.dispose()
 

@@ -262,12 +262,18 @@ def test_junk_rows_get_an_outcome_and_never_block_the_rows_behind(world):
 def test_duplicate_event_ids_on_an_app_table_without_the_unique_constraint(db_url):
     """An app's own handler table may lack UNIQUE(event_id): repeats are marked, not synced."""
     engine = appdb.create_engine_from_url(db_url)
-    ident = "INTEGER PRIMARY KEY AUTOINCREMENT" if engine.dialect.name == "sqlite" else "BIGSERIAL PRIMARY KEY"
+    ident, stamp = {
+        "sqlite": ("INTEGER PRIMARY KEY AUTOINCREMENT", "TIMESTAMP"),
+        "postgresql": ("BIGSERIAL PRIMARY KEY", "TIMESTAMP"),
+        # An app's own MySQL table: TIMESTAMP columns (converted through the session's
+        # time zone, which creditsync pins to UTC).
+        "mysql": ("BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY", "TIMESTAMP(6)"),
+    }[engine.dialect.name]
     with engine.begin() as conn:
         conn.exec_driver_sql(
             f"CREATE TABLE billing_webhook_events (id {ident}, event_id TEXT NOT NULL, instance_id TEXT, "
-            "event_type TEXT NOT NULL, payload TEXT, received_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, "
-            "processed_at TIMESTAMP, outcome TEXT, attempts INTEGER NOT NULL DEFAULT 0)"
+            f"event_type TEXT NOT NULL, payload TEXT, received_at {stamp} NOT NULL DEFAULT CURRENT_TIMESTAMP, "
+            f"processed_at {stamp} NULL, outcome TEXT, attempts INTEGER NOT NULL DEFAULT 0)"
         )
     engine.dispose()
     data = seed_old(db_url)
