@@ -254,3 +254,192 @@ def test_unreachable_database_is_one_line(monkeypatch, capsys, sim):
     assert code == 2
     assert "hunter2pass" not in err and "Traceback" not in err
     assert err.strip().startswith("creditsync: error:")
+
+
+# ------------------------------------------------------------- awkward ids, kill -9
+
+AWKWARD_IDS = [
+    "o'brien", 'double"quote', "100%", "%s", "%(name)s", ":param", "path/to/site", "a\\b",
+    "semi;colon -- not a comment", "ünïcødé-日本語-🚀", "abc", "ABC", "abç",
+    "lng-" + "x7/é%'" * 19 + "en",  # 120 characters
+]
+
+
+def test_awkward_ids_are_fixed_exactly_end_to_end(db_url, sim, monkeypatch, capsys):
+    """Quotes, %, /, unicode, case twins, 120 characters: fixed, audited and targeted exactly."""
+    from creditsync_pipeline import appdb
+    from creditsync_pipeline.demo import PLANS
+
+    assert len(AWKWARD_IDS[-1]) == 120
+    engine = appdb.create_engine_from_url(db_url)
+    try:
+        appdb.init_db(engine)
+        appdb.upsert_plans(engine, PLANS)
+        appdb.insert_instances(engine, [
+            {"instance_id": iid, "plan_id": "free", "credits_total": 100, "credits_used": n}
+            for n, iid in enumerate(AWKWARD_IDS)
+        ])
+    finally:
+        engine.dispose()
+    entitled = [iid for iid in AWKWARD_IDS if iid != "ABC"]  # "abc" bought pro; "ABC" did not
+    sim.set_records([{"instance_id": iid, "plan_id": "pro", "status": "active", "current_period_end": None,
+                      "updated_at": "2026-01-01T00:00:00Z"} for iid in entitled])
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("BILLING_API_URL", sim.base_url)
+    monkeypatch.setenv("BILLING_API_TOKEN", TOKEN)
+    monkeypatch.setenv("BILLING_API_PAGE_SIZE", "5")
+
+    code, _, err = run_cli(capsys, "fix", "--force")  # 13 of 14 change: past the small-app floor
+    assert code == 0, err
+    after = end_state(db_url)
+    assert after == {iid: (("free", 100) if iid == "ABC" else ("pro", 5000)) + (n,)
+                     for n, iid in enumerate(AWKWARD_IDS)}
+    audit = audit_rows(db_url)
+    assert sorted(audit["instance_id"]) == sorted(entitled)
+    for iid in AWKWARD_IDS:  # a targeted check finds each id, exactly
+        code, out, err = run_cli(capsys, "check", "--instance", iid, "--json")
+        assert code == 0, (iid, err)
+        assert json.loads(out)["mismatches"] == []
+
+
+def _orphans(db_url: str) -> int:
+    """Other sessions still open on the test database (a killed client's, say)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            else:
+                sql = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID()"
+            return int(conn.exec_driver_sql(sql).scalar())
+    finally:
+        engine.dispose()
+
+
+class _ApplyBlocker:
+    """Holds the fix inside its apply transaction from the outside.
+
+    PostgreSQL and MySQL: a lock on ``credit_sync_audit`` that lets reads through but not
+    the fix's audit ``INSERT``: the fix has loaded its scratch table and run its
+    compare-and-set ``UPDATE`` (uncommitted), and waits -- provably, the server says so.
+    SQLite has no table locks: the test holds the database's write lock, so the fix
+    waits at the start of its write transaction (``BEGIN IMMEDIATE``, 30 s busy timeout)
+    once the billing list is fetched.
+    """
+
+    def __init__(self, db_url: str, pages_served) -> None:
+        import sqlalchemy as sa
+
+        self.db_url, self.pages_served = db_url, pages_served
+        self.engine = sa.create_engine(db_url)
+        self.name = self.engine.dialect.name
+        self.conn = None
+        self.raw = None
+        self.since: float | None = None
+
+    def __enter__(self) -> "_ApplyBlocker":
+        import sqlite3
+
+        if self.name == "sqlite":
+            self.raw = sqlite3.connect(self.engine.url.database, timeout=0, isolation_level=None)
+            self.raw.execute("BEGIN IMMEDIATE")
+        elif self.name == "postgresql":
+            self.conn = self.engine.connect()
+            self.conn.begin()
+            self.conn.exec_driver_sql("LOCK TABLE credit_sync_audit IN EXCLUSIVE MODE")
+        else:
+            self.conn = self.engine.connect()
+            self.conn.exec_driver_sql("LOCK TABLES credit_sync_audit READ")
+        return self
+
+    def waiting(self) -> bool:
+        import time
+
+        if self.name == "sqlite":
+            if self.pages_served() < 4:
+                return False
+            self.since = self.since or time.monotonic()
+            return time.monotonic() - self.since > 2.0  # fetched; diffing 200 rows takes milliseconds
+        with self.engine.connect() as probe:
+            if self.name == "postgresql":
+                sql = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO credit_sync_audit%%'")
+            else:
+                sql = ("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() "
+                       "AND INFO LIKE 'INSERT INTO credit_sync_audit%%'")
+            return bool(probe.exec_driver_sql(sql).scalar())
+
+    def row_is_locked(self, instance_id: str) -> bool:
+        """The fix's uncommitted compare-and-set holds this row (PostgreSQL, MySQL)."""
+        import sqlalchemy as sa
+
+        with self.engine.connect() as probe:
+            try:
+                probe.execute(sa.text("SELECT instance_id FROM instances WHERE instance_id = :i FOR UPDATE NOWAIT"),
+                              {"i": instance_id}).all()
+            except sa.exc.OperationalError:
+                return True
+            finally:
+                probe.rollback()
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self.raw is not None:
+            self.raw.rollback()
+            self.raw.close()
+        if self.conn is not None:
+            if self.name != "postgresql":
+                self.conn.exec_driver_sql("UNLOCK TABLES")
+            self.conn.rollback()
+            self.conn.close()
+        self.engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_fix_killed_mid_apply_leaves_nothing_and_a_rerun_converges(world, db_url, sim, tmp_path, capsys):
+    import signal
+    import time
+
+    before = dump_tables(db_url)
+    served = {"pages": 0}
+    serve_list = sim._serve_list
+
+    def counting(handler, query):
+        serve_list(handler, query)
+        served["pages"] += 1
+
+    sim._serve_list = counting
+    log = tmp_path / "fix.log"
+    with _ApplyBlocker(db_url, lambda: served["pages"]) as blocker, log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "creditsync_pipeline.cli", "fix"],
+                                env=dict(os.environ), stdout=sink, stderr=sink)
+        try:
+            deadline = time.monotonic() + 90
+            while not blocker.waiting():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "the fix never reached its apply"
+                time.sleep(0.05)
+            if not db_url.startswith("sqlite"):  # mid-apply: its UPDATE has run, its audit waits
+                assert blocker.row_is_locked("abc123") and not blocker.row_is_locked("site-0199")
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    # The server finishes the orphan's statement, finds its client gone and rolls back.
+    if not db_url.startswith("sqlite"):
+        deadline = time.monotonic() + 60
+        while _orphans(db_url):
+            assert time.monotonic() < deadline, "the killed fix's session never ended"
+            time.sleep(0.1)
+    assert dump_tables(db_url) == before
+
+    code, _, err = run_cli(capsys, "fix")
+    assert code == 0, err
+    after = end_state(db_url)
+    assert {iid: after[iid][:2] for iid in world.expected} == world.expected
+    assert len(audit_rows(db_url)) == 15
+    code, out, _ = run_cli(capsys, "fix", "--json")
+    assert code == 0 and json.loads(out)["applied"] == 0
