@@ -3,17 +3,23 @@
 One command, one run, the same data for every number::
 
     .venv/bin/python benchmarks/bench_full_sync.py --n 100000 --drift 0.05 [--json]
+    .venv/bin/python benchmarks/bench_full_sync.py --database-url mysql+pymysql://root@127.0.0.1:3306/
 
 What it does:
 
-1. creates a throw-away PostgreSQL database (dropped at the end), applies the schema
-   and seeds N instances with COPY; ``drift`` of them are wrong (half stuck on the
-   wrong plan, half with the wrong allowance);
+1. creates a throw-away database on the server of ``--database-url`` (PostgreSQL by
+   default; MySQL/MariaDB; or a SQLite file in a temporary directory for ``sqlite://``),
+   dropped at the end; applies the schema and seeds N instances with the app-database
+   layer's own bulk load (COPY on PostgreSQL, multi-row INSERTs on MySQL); ``drift`` of
+   them are wrong (half stuck on the wrong plan, half with the wrong allowance);
 2. starts the billing simulator in its own process (``python -m
    creditsync_pipeline.simulators.generic --generate N``) so the server's CPU is not charged
    to the client's GIL;
 3. measures the I/O floor: every billing page fetched raw (one pooled connection,
-   no JSON parsing) plus ``COPY instances TO STDOUT``;
+   no JSON parsing) plus the fastest raw read of ``instances`` the server offers, bytes
+   only: ``COPY instances TO STDOUT`` on PostgreSQL; on MySQL the pages of server-made CSV
+   (``GROUP_CONCAT`` over primary-key ranges) that ``read_instances`` parses, unparsed;
+   on SQLite every row fetched by ``sqlite3``;
 4. runs ``creditsync fix --json`` in a child process, exactly as an operator would,
    and takes the per-stage timings from its report and its peak RSS from ``wait4``;
 5. measures bulk writes (``appdb.apply_corrections``) against a naive baseline: one
@@ -25,7 +31,6 @@ What it does:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -58,6 +63,8 @@ from creditsync_pipeline.simulators.generic import SYNTHETIC_PLANS, generate_rec
 DEFAULT_PG_ADMIN_URL = os.environ.get(
     "CREDITSYNC_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )
+#: The app-database layer's scratch table doubles as the drift table of ``--repeat``.
+from creditsync_pipeline.appdb import dialects, scratch  # noqa: E402
 TOKEN = "bench-token"
 TARGET_RATIO = 2.0
 TARGET_SPEEDUP = 30.0
@@ -78,7 +85,7 @@ class Dataset:
     expected_plan: list[str]  # after a correct fix
     drifted: int
     #: the drifted rows as seeded (id, plan_id, credits_total, updated_at): --repeat puts them back
-    drift_rows: list[tuple[str, str, int, str]]
+    drift_rows: list[tuple[str, str, int, datetime]]
 
 
 def seed_database(url: str, n: int, drift: float, seed: int, anchor: date) -> Dataset:
@@ -109,29 +116,21 @@ def seed_database(url: str, n: int, drift: float, seed: int, anchor: date) -> Da
                 total[i] = credits[plan[i]]
             else:  # plan right, allowance wrong
                 total[i] = credits[expected[i]] // 2
-        updated = (datetime.combine(anchor, datetime.min.time(), tzinfo=timezone.utc) - timedelta(days=1)).isoformat()
-        created = (datetime.combine(anchor, datetime.min.time(), tzinfo=timezone.utc) - timedelta(days=400)).isoformat()
-        raw = engine.raw_connection()
-        try:
-            cur = raw.cursor()
-            step = 200_000
+        updated = datetime.combine(anchor, datetime.min.time(), tzinfo=timezone.utc) - timedelta(days=1)
+        created = datetime.combine(anchor, datetime.min.time(), tzinfo=timezone.utc) - timedelta(days=400)
+        step = 200_000
+        with engine.begin() as conn:  # the layer's own bulk load: COPY, multi-row INSERTs, executemany
             for start in range(0, n, step):
-                buf = io.StringIO()
-                buf.writelines(
-                    f"{ids[i]},{plan[i]},{total[i]},{(i * 7919) % (total[i] + 1)},{created},{updated}\n"
-                    for i in range(start, min(n, start + step))
-                )
-                buf.seek(0)
-                cur.copy_expert(
-                    "COPY instances (instance_id, plan_id, credits_total, credits_used, created_at, updated_at) "
-                    "FROM STDIN WITH (FORMAT csv)",
-                    buf,
-                )
-            raw.commit()
-            raw.set_session(autocommit=True)
-            cur.execute("VACUUM ANALYZE instances")  # a steady-state table: hint bits set, stats fresh
-        finally:
-            raw.close()
+                rows = range(start, min(n, start + step))
+                dialects.of(conn).load_rows(conn, appdb.instances, {
+                    "instance_id": [ids[i] for i in rows],
+                    "plan_id": [plan[i] for i in rows],
+                    "credits_total": [total[i] for i in rows],
+                    "credits_used": [(i * 7919) % (total[i] + 1) for i in rows],
+                    "created_at": [created] * len(rows),
+                    "updated_at": [updated] * len(rows),
+                })
+        analyze(engine)  # a steady-state table: statistics fresh (PostgreSQL: hint bits set)
         drift_rows = [(ids[i], plan[i], total[i], updated) for i in drifted]
         return Dataset(ids=ids, expected_plan=expected, drifted=len(drifted), drift_rows=drift_rows)
     finally:
@@ -139,30 +138,56 @@ def seed_database(url: str, n: int, drift: float, seed: int, anchor: date) -> Da
 
 
 def restore_drift(url: str, data: Dataset) -> None:
-    """Put the drifted rows back as seeded and rewrite the table compactly (as after seeding)."""
-    engine = create_engine(url)
+    """Put the drifted rows back as seeded and rewrite the table compactly (as after seeding).
+
+    The rows go through the layer's scratch table (bulk-loaded) and one joined UPDATE.
+    """
+    from sqlalchemy import update
+
+    t = scratch.tmp_corrections
+    engine = appdb.create_engine_from_url(url)
     try:
-        raw = engine.raw_connection()
-        try:
-            cur = raw.cursor()
-            cur.execute("CREATE TEMP TABLE drift (instance_id text, plan_id text, credits_total int, updated_at timestamptz)")
-            buf = io.StringIO("".join(f"{i}\t{p}\t{c}\t{u}\n" for i, p, c, u in data.drift_rows))
-            cur.copy_expert("COPY drift FROM STDIN", buf)
-            cur.execute(
-                "UPDATE instances SET plan_id = d.plan_id, credits_total = d.credits_total, updated_at = d.updated_at "
-                "FROM drift d WHERE instances.instance_id = d.instance_id"
-            )
-            raw.commit()
-            raw.set_session(autocommit=True)
-            cur.execute("VACUUM FULL ANALYZE instances")
-        finally:
-            raw.close()
+        with engine.begin() as conn:
+            scratch.create(conn, t)
+            scratch.load(conn, t, {
+                "seq": list(range(len(data.drift_rows))),
+                "instance_id": [i for i, _, _, _ in data.drift_rows],
+                "new_plan_id": [p for _, p, _, _ in data.drift_rows],
+                "new_credits_total": [c for _, _, c, _ in data.drift_rows],
+                "basis_at": [u for _, _, _, u in data.drift_rows],
+            })
+            i = appdb.instances
+            conn.execute(update(i).where(i.c.instance_id == t.c.instance_id).values(
+                {i.c.plan_id: t.c.new_plan_id, i.c.credits_total: t.c.new_credits_total, i.c.updated_at: t.c.basis_at}
+            ))
+            scratch.drop(conn, t)
+        if engine.dialect.name == "postgresql":
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql("VACUUM FULL ANALYZE instances")
+        else:
+            analyze(engine)
     finally:
         engine.dispose()
 
 
+def analyze(engine: Any) -> None:
+    """Fresh planner statistics (PostgreSQL: VACUUM ANALYZE, which also sets hint bits)."""
+    name = engine.dialect.name
+    sql = {"postgresql": "VACUUM ANALYZE instances", "sqlite": "ANALYZE"}.get(name, "ANALYZE TABLE instances")
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        result = conn.exec_driver_sql(sql)
+        if result.returns_rows:
+            result.all()
+
+
 def checkpoint(url: str) -> bool:
-    """CHECKPOINT, so every write measurement starts from the same WAL state (full-page images)."""
+    """CHECKPOINT, so every write measurement starts from the same WAL state (full-page images).
+
+    PostgreSQL only: MySQL/MariaDB have no statement for it (InnoDB checkpoints on its own)
+    and SQLite checkpoints its WAL itself; those runs report ``checkpoint_before: false``.
+    """
+    if make_url(url).get_backend_name() != "postgresql":
+        return False
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
@@ -238,21 +263,50 @@ class _Sink:
         return len(data)
 
 
+#: What the table-read floor is, per server (the label of its row in the table).
+READ_FLOOR = {
+    "postgresql": "COPY instances TO STDOUT",
+    "mysql": "CSV pages of GROUP_CONCAT, unparsed",
+    "sqlite": "sqlite3 fetchall of instances",
+}
+
+
 def copy_out(url: str) -> dict[str, Any]:
-    engine = create_engine(url)
+    """The fastest raw read of ``instances`` the server offers, bytes only (see READ_FLOOR)."""
+    engine = appdb.create_engine_from_url(url)
+    name = engine.dialect.name
     try:
+        if name == "mysql":
+            from creditsync_pipeline.appdb.dialects.mysql import _PagedReader
+
+            with engine.connect() as conn:
+                t0 = time.perf_counter()
+                reader = _PagedReader(conn, ordered=False)
+                reader.read_all()
+                seconds = time.perf_counter() - t0
+                size = sum(len(page.encode("utf-8")) for page in reader.pages)
+                reader.cursor.close()
+            return {"seconds": seconds, "bytes": size}
         raw = engine.raw_connection()
         try:
-            sink = _Sink()
             t0 = time.perf_counter()
-            raw.cursor().copy_expert("COPY instances TO STDOUT", sink)
-            seconds = time.perf_counter() - t0
+            if name == "postgresql":
+                sink = _Sink()
+                raw.cursor().copy_expert("COPY instances TO STDOUT", sink)
+                seconds = time.perf_counter() - t0
+                size = sink.size
+            else:
+                cur = raw.cursor()
+                cur.execute("SELECT * FROM instances")
+                rows = cur.fetchall()
+                seconds = time.perf_counter() - t0
+                size = sum(len(repr(row)) for row in rows)  # an estimate of the text, not timed
             raw.rollback()
         finally:
             raw.close()
     finally:
         engine.dispose()
-    return {"seconds": seconds, "bytes": sink.size}
+    return {"seconds": seconds, "bytes": size}
 
 
 # ------------------------------------------------------------------------ the fix
@@ -330,6 +384,20 @@ def bench_writes(url: str, data: Dataset, bulk_rows: int, naive_rows: int, seed:
 
         naive = frame(naive_idx).to_dict("records")
         checkpoint(url)
+        name = engine.dialect.name
+        ph = "?" if name == "sqlite" else "%s"  # the driver's own placeholders
+        trigger = engine.dialect.identifier_preparer.quote("trigger")  # reserved in MySQL
+        # Timestamps as each server stores them: aware for TIMESTAMPTZ, naive UTC elsewhere.
+        stamp = (lambda d: d) if name == "postgresql" else (lambda d: d.replace(tzinfo=None).isoformat(" "))
+        update_sql = (
+            f"UPDATE instances SET plan_id = {ph}, credits_total = {ph}, updated_at = {ph} "
+            f"WHERE instance_id = {ph} AND plan_id = {ph} AND credits_total = {ph} "
+            f"AND (updated_at IS NULL OR updated_at <= {ph})"
+        )
+        audit_sql = (
+            f"INSERT INTO credit_sync_audit (run_id, {trigger}, instance_id, old_plan_id, new_plan_id, "
+            f"old_credits_total, new_credits_total, reason, applied_at) VALUES ({', '.join([ph] * 9)})"
+        )
         raw = engine.raw_connection()
         try:
             cur = raw.cursor()
@@ -337,21 +405,12 @@ def bench_writes(url: str, data: Dataset, bulk_rows: int, naive_rows: int, seed:
             t0 = time.perf_counter()
             for row in naive:
                 now = datetime.now(timezone.utc)
-                cur.execute(
-                    "UPDATE instances SET plan_id = %s, credits_total = %s, updated_at = %s "
-                    "WHERE instance_id = %s AND plan_id = %s AND credits_total = %s "
-                    "AND (updated_at IS NULL OR updated_at <= %s)",
-                    (row["new_plan_id"], row["new_credits_total"], now, row["instance_id"],
-                     row["old_plan_id"], row["old_credits_total"], basis),
-                )
+                cur.execute(update_sql, (row["new_plan_id"], row["new_credits_total"], stamp(now), row["instance_id"],
+                                         row["old_plan_id"], row["old_credits_total"], stamp(basis)))
                 if cur.rowcount == 1:
-                    cur.execute(
-                        "INSERT INTO credit_sync_audit (run_id, trigger, instance_id, old_plan_id, new_plan_id, "
-                        "old_credits_total, new_credits_total, reason, applied_at) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                        ("bench-naive", "manual", row["instance_id"], row["old_plan_id"], row["new_plan_id"],
-                         row["old_credits_total"], row["new_credits_total"], row["reason"], now),
-                    )
+                    cur.execute(audit_sql, ("bench-naive", "manual", row["instance_id"], row["old_plan_id"],
+                                            row["new_plan_id"], row["old_credits_total"], row["new_credits_total"],
+                                            row["reason"], stamp(now)))
                     applied += 1
                 raw.commit()
             naive_s = time.perf_counter() - t0
@@ -398,31 +457,62 @@ def machine() -> dict[str, Any]:
     }
 
 
-def create_database(admin_url: str) -> tuple[str, str]:
+def _admin_engine(server_url: str) -> Any:
+    """An AUTOCOMMIT engine on the server, with the driver creditsync ships for it."""
+    url = make_url(server_url)
+    dialect = dialects.for_name(url.get_backend_name())
+    return create_engine(dialect.normalize_url(url), isolation_level="AUTOCOMMIT")
+
+
+def create_database(server_url: str) -> tuple[str, str]:
+    """A throw-away database on the server of ``server_url`` (its own database part is ignored)."""
     name = f"creditsync_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    url = make_url(server_url)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        path = Path(tempfile.mkdtemp(prefix=name)) / "app.db"
+        return str(path), f"sqlite:///{path}"
+    admin = _admin_engine(server_url)
     try:
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            if backend in ("mysql", "mariadb"):
+                conn.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+            else:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
     finally:
         admin.dispose()
-    return name, make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    return name, url.set(database=name).render_as_string(hide_password=False)
 
 
-def drop_database(admin_url: str, name: str) -> None:
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+def drop_database(server_url: str, name: str) -> None:
+    backend = make_url(server_url).get_backend_name()
+    if backend == "sqlite":
+        import shutil
+
+        shutil.rmtree(Path(name).parent, ignore_errors=True)
+        return
+    admin = _admin_engine(server_url)
     try:
         with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            if backend in ("mysql", "mariadb"):
+                conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+            else:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
 
 
 def server_version(url: str) -> str:
-    engine = create_engine(url)
+    """``PostgreSQL 15.2``, ``MariaDB 10.11.9``, ``MySQL 8.0.36``, ``SQLite 3.45.1``."""
+    engine = appdb.create_engine_from_url(url)
     try:
         with engine.connect() as conn:
-            return str(conn.execute(text("SHOW server_version")).scalar())
+            if engine.dialect.name == "postgresql":
+                return "PostgreSQL " + str(conn.execute(text("SHOW server_version")).scalar())
+            if engine.dialect.name == "sqlite":
+                return "SQLite " + str(conn.execute(text("SELECT sqlite_version()")).scalar())
+            version = str(conn.execute(text("SELECT VERSION()")).scalar())
+            return ("MariaDB " if "mariadb" in version.lower() else "MySQL ") + version.split("-")[0]
     finally:
         engine.dispose()
 
@@ -430,11 +520,11 @@ def server_version(url: str) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     anchor = datetime.now(timezone.utc).date()
     load_before = os.getloadavg()
-    name, url = create_database(args.pg_admin_url)
+    name, url = create_database(args.database_url)
     sim: subprocess.Popen[str] | None = None
     runs: list[dict[str, Any]] = []
     try:
-        log(f"seeding {args.n:,} instances into {name} (COPY)")
+        log(f"seeding {args.n:,} instances into {name} (bulk load)")
         t0 = time.perf_counter()
         data = seed_database(url, args.n, args.drift, args.seed, anchor)
         log(f"seeded in {time.perf_counter() - t0:.1f}s; starting the billing simulator ({args.n:,} records)")
@@ -446,7 +536,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if rep:
                 log("restoring the drifted rows for the next repetition")
                 restore_drift(url, data)
-            log(f"[{rep + 1}/{args.repeat}] I/O floor: raw page fetch + COPY out")
+            log(f"[{rep + 1}/{args.repeat}] I/O floor: raw page fetch + raw table read")
             fetch_floor = raw_fetch(base_url, args.page_size)
             copy_floor = copy_out(url)
             checkpointed = checkpoint(url)
@@ -465,7 +555,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         version = server_version(url)
     finally:
         stop_process(sim)
-        drop_database(args.pg_admin_url, name)
+        drop_database(args.database_url, name)
 
     def ratio(r: dict[str, Any]) -> float:
         return r["fix"]["report"]["timings"]["total"] / (r["fetch_floor"]["seconds"] + r["copy_floor"]["seconds"])
@@ -482,7 +572,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n": args.n,
         "drift": args.drift,
         "corrections": data.drifted,
-        "machine": {**machine(), "postgresql": version,
+        "machine": {**machine(), "database": version,
                     "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "command": " ".join(["benchmarks/bench_full_sync.py"] + sys.argv[1:]),
@@ -508,6 +598,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "fetch_mb": round(fetch_floor["bytes"] / 1e6, 1),
             "copy_out_s": round(copy_floor["seconds"], 3),
             "copy_mb": round(copy_floor["bytes"] / 1e6, 1),
+            "table_read": READ_FLOOR.get(make_url(url).get_backend_name(), "raw read"),
             "total_s": round(floor, 3),
         },
         "ratio_to_floor": round(total / floor, 2),
@@ -538,7 +629,7 @@ def render(r: dict[str, Any]) -> str:
     ok = lambda flag: "met" if flag else "NOT MET"  # noqa: E731
     lines = [
         f"creditsync full sync: {r['n']:,} instances, {r['drift']:.1%} drift ({r['corrections']:,} corrections)",
-        f"machine: {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['cpu']}; PostgreSQL {m['postgresql']}, "
+        f"machine: {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['cpu']}; {m['database']}, "
         f"Python {m['python']}, pandas {m['pandas']}; load average {m['load_average_before'][0]} before, "
         f"{m['load_average_after'][0]} after",
         *(
@@ -556,7 +647,7 @@ def render(r: dict[str, Any]) -> str:
         "| I/O floor | seconds | |",
         "|---|---:|---|",
         f"| fetch every page raw | {fl['fetch_raw_s']:.2f} | {fl['pages']:,} pages, {fl['fetch_mb']} MB |",
-        f"| COPY instances TO STDOUT | {fl['copy_out_s']:.2f} | {fl['copy_mb']} MB |",
+        f"| {fl['table_read']} | {fl['copy_out_s']:.2f} | {fl['copy_mb']} MB |",
         f"| **floor** | **{fl['total_s']:.2f}** | |",
         "",
         "| result | value | target |",
@@ -577,8 +668,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=100_000, help="instances (and billing records)")
     parser.add_argument("--drift", type=float, default=0.05, help="share of instances that are wrong")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
-    parser.add_argument("--pg-admin-url", default=DEFAULT_PG_ADMIN_URL,
-                        help="a PostgreSQL URL allowed to CREATE/DROP DATABASE")
+    parser.add_argument("--database-url", "--pg-admin-url", dest="database_url", default=DEFAULT_PG_ADMIN_URL,
+                        help="a server URL allowed to CREATE/DROP DATABASE (PostgreSQL, MySQL/MariaDB; "
+                             "sqlite:// for a temporary file); the throw-away database is made there. "
+                             "Default: $CREDITSYNC_TEST_PG_ADMIN_URL or the local PostgreSQL")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--page-size", type=int, default=1000, help="billing list page size")
     parser.add_argument("--naive-rows", type=int, default=2000, help="rows of the per-row baseline")

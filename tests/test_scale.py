@@ -324,12 +324,17 @@ def test_simulator_cli_refuses_records_and_generate_together(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.postgres
-def test_benchmark_runs_end_to_end(pg_admin_engine: Engine) -> None:
-    admin_url = pg_admin_engine.url.render_as_string(hide_password=False)
+@pytest.mark.parametrize(
+    "server",
+    [pytest.param("pg_admin_engine", id="postgres", marks=pytest.mark.postgres),
+     pytest.param("mysql_admin_engine", id="mysql", marks=pytest.mark.mysql)],
+)
+def test_benchmark_runs_end_to_end(server: str, request: pytest.FixtureRequest) -> None:
+    admin: Engine = request.getfixturevalue(server)
+    admin_url = admin.url.render_as_string(hide_password=False)
     result = subprocess.run(
         [sys.executable, "benchmarks/bench_full_sync.py", "--n", "3000", "--drift", "0.05", "--naive-rows", "100",
-         "--json", "--pg-admin-url", admin_url],
+         "--json", "--database-url", admin_url],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -339,6 +344,9 @@ def test_benchmark_runs_end_to_end(pg_admin_engine: Engine) -> None:
     assert set(out["fix"]["stages_s"]) == {"fetch", "read", "diff", "write", "verify"}
     assert out["io_floor"]["pages"] == 3 and out["writes"]["naive_rows"] == 100
     assert out["peak_rss_mb"] > 0
-    with pg_admin_engine.connect() as conn:  # the throw-away database is gone
-        left = conn.execute(sa.text("SELECT count(*) FROM pg_database WHERE datname LIKE 'creditsync_bench_%'"))
-        assert left.scalar() == 0
+    assert out["machine"]["database"].split()[0] in ({"PostgreSQL"} if server.startswith("pg") else {"MySQL", "MariaDB"})
+    catalog = ("SELECT datname FROM pg_database" if server.startswith("pg")
+               else "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA")
+    with admin.connect() as conn:  # the throw-away database is gone
+        names = conn.execute(sa.text(catalog)).scalars().all()
+        assert not [n for n in names if n.startswith("creditsync_bench_")]
