@@ -1,4 +1,4 @@
-"""Bulk compare-and-set corrections and their audit on SQLite and PostgreSQL."""
+"""Bulk compare-and-set corrections and their audit on SQLite, PostgreSQL and MySQL."""
 
 from __future__ import annotations
 

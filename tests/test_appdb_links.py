@@ -1,4 +1,4 @@
-"""``billing_customer_links``: remembered instance -> customer links (SQLite and PostgreSQL)."""
+"""``billing_customer_links``: remembered instance -> customer links (SQLite, PostgreSQL and MySQL)."""
 
 from __future__ import annotations
 

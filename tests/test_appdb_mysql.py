@@ -290,3 +290,80 @@ def test_a_wrong_password_on_a_live_server_never_reaches_a_message(mysql_url: st
             assert "creditsync_nobody:***@" in message
     finally:
         engine.dispose()
+
+
+def test_a_real_login_whose_password_holds_at_signs(mysql_admin_engine: Engine, mysql_url: str) -> None:
+    """``mysql+pymysql://u:p@ss@h/d`` as an operator writes it: logs in, and no message shows it."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(mysql_url).database
+    user, password = "creditsync_at_user", "p@ss@Wq9"
+    with mysql_admin_engine.connect() as admin:
+        try:
+            admin.exec_driver_sql(f"CREATE USER '{user}'@'%%' IDENTIFIED BY '{password}'")
+        except sa.exc.DBAPIError as exc:
+            pytest.skip(f"cannot create a user: {exc.orig}")
+        try:
+            admin.exec_driver_sql(f"GRANT ALL ON `{database}`.* TO '{user}'@'%%'")
+            url = make_url(mysql_url)
+            raw = f"mysql+pymysql://{user}:{password}@{url.host}:{url.port or 3306}/{database}"
+            engine = create_engine_from_url(raw)
+            try:
+                appdb.check_connection(engine)  # the whole password reached the server
+                with pytest.raises(AppDatabaseError) as caught:  # no schema yet: a server error
+                    read_instances(engine)
+                message = str(caught.value)
+                assert f"{user}:***@" in message and "doesn't exist" in message
+                assert "p@ss" not in message and "Wq9" not in message
+                assert appdb.redact_url(raw) == f"mysql+pymysql://{user}:***@{url.host}:{url.port or 3306}/{database}"
+            finally:
+                engine.dispose()
+        finally:
+            admin.exec_driver_sql(f"DROP USER IF EXISTS '{user}'@'%%'")
+
+
+def test_the_privileges_docs_mysql_md_lists_are_enough(mysql_admin_engine: Engine, mysql_url: str) -> None:
+    """init-db with CREATE, ALTER, INDEX; everything else with SELECT, INSERT, UPDATE and
+    CREATE TEMPORARY TABLES on the app's database (docs/mysql.md)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(mysql_url)
+    user, password = "creditsync_least", "Least-Pw-71"
+    grant_runtime = f"SELECT, INSERT, UPDATE, CREATE TEMPORARY TABLES ON `{url.database}`.*"
+    scoped = url.set(username=user, password=password).render_as_string(hide_password=False)
+    with mysql_admin_engine.connect() as admin:
+        try:
+            admin.exec_driver_sql(f"CREATE USER '{user}'@'%%' IDENTIFIED BY '{password}'")
+        except sa.exc.DBAPIError as exc:
+            pytest.skip(f"cannot create a user: {exc.orig}")
+        try:
+            admin.exec_driver_sql(f"GRANT {grant_runtime} TO '{user}'@'%%'")
+            admin.exec_driver_sql(f"GRANT CREATE, ALTER, INDEX ON `{url.database}`.* TO '{user}'@'%%'")
+            engine = create_engine_from_url(scoped)
+            try:
+                init_db(engine)
+                init_db(engine)
+            finally:
+                engine.dispose()
+            admin.exec_driver_sql(f"REVOKE CREATE, ALTER, INDEX ON `{url.database}`.* FROM '{user}'@'%%'")
+            engine = create_engine_from_url(scoped)
+            try:
+                seed(engine, [instance_row(f"p{n}") for n in range(5)])
+                result = appdb.apply_corrections(engine, corrections_frame([{"instance_id": f"p{n}"} for n in range(5)]),
+                                                 run_id="least", trigger="manual", now=NOW)
+                assert len(result.applied) == 5
+                landed = appdb.land_webhook_event(engine, event_id="evt-least", event_type="t", instance_id="p1",
+                                                  payload="{}", lease_owner="me", lease_seconds=60)
+                assert landed.inserted and landed.leased
+                assert appdb.mark_webhook_events(engine, {landed.id: "corrected"}) == 1
+                assert appdb.remember_customer_links(engine, "stripe", {"p1": "cus_1"}) == 1
+                reverted = appdb.revert_run(engine, "least", revert_run_id="undo", now=NOW + timedelta(hours=1))
+                assert len(reverted.reverted) == 5
+                assert len(read_instances(engine)) == 5 and appdb.database_now(engine)
+                with pytest.raises(sa.exc.OperationalError, match="DROP command denied"):  # no more than that
+                    with engine.begin() as conn:
+                        conn.exec_driver_sql("DROP TABLE plans")
+            finally:
+                engine.dispose()
+        finally:
+            admin.exec_driver_sql(f"DROP USER IF EXISTS '{user}'@'%%'")

@@ -1,4 +1,4 @@
-"""Reads of plans and instances on SQLite and PostgreSQL."""
+"""Reads of plans and instances on SQLite, PostgreSQL and MySQL."""
 
 from __future__ import annotations
 

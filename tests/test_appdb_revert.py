@@ -1,4 +1,4 @@
-"""``revert_run``: undo one run's corrections from its audit rows (SQLite and PostgreSQL)."""
+"""``revert_run``: undo one run's corrections from its audit rows (SQLite, PostgreSQL and MySQL)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Schema and init_db on SQLite and PostgreSQL (see the ``engine`` fixture)."""
+"""Schema and init_db on SQLite, PostgreSQL and MySQL (see the ``engine`` fixture)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``billing_webhook_events`` rows: landing, leases, claims, marks (SQLite and PostgreSQL)."""
+"""``billing_webhook_events`` rows: landing, leases, claims, marks (SQLite, PostgreSQL and MySQL)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """End to end: the ``creditsync`` CLI over real HTTP against the simulator.
 
-Runs on SQLite and PostgreSQL (``db_url`` fixture). Every fault the billing
+Runs on SQLite, PostgreSQL and MySQL (``db_url`` fixture). Every fault the billing
 API can throw is injected; the end state of every instance and the audit
 rows are asserted exactly, and a failed run must leave the database
 byte-for-byte unchanged.

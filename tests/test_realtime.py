@@ -2,7 +2,7 @@
 real (temporary, persistent) Dagster instance, the runs they request executed
 for real over HTTP against the billing simulator.
 
-Runs on SQLite and PostgreSQL (``db_url``).
+Runs on SQLite, PostgreSQL and MySQL (``db_url``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Never downgrade a paying customer on thin evidence: one test per rule of SPEC's safety review.
 
 Each test drives creditsync through a stable interface (the CLI, the HTTP app, a Dagster
-materialization) over real HTTP and a real database (SQLite and PostgreSQL), and each
+materialization) over real HTTP and a real database (SQLite, PostgreSQL and MySQL), and each
 fails on the code before the rule existed: a paying instance ends up on the free plan, a
 committed correction is reported as a failure, a log line can be faked, and so on.
 """

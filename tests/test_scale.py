@@ -1,4 +1,4 @@
-"""The scale paths (issue 6) on SQLite and PostgreSQL, at a size that runs in seconds.
+"""The scale paths (issue 6) on SQLite, PostgreSQL and MySQL, at a size that runs in seconds.
 
 The full sync at 20,000 instances goes through exactly the code a 1,000,000-instance
 run uses: the columnar read (COPY on PostgreSQL), the vectorised rules, the bulk

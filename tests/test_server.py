@@ -1,6 +1,6 @@
 """The manual-sync and webhook HTTP app, end to end.
 
-Real databases (``db_url``: SQLite and PostgreSQL), the billing simulator over
+Real databases (``db_url``: SQLite, PostgreSQL and MySQL/MariaDB), the billing simulator over
 real HTTP, the app through Starlette's TestClient for the many small cases and
 served by uvicorn on a free port (in a thread, and as ``creditsync serve`` in a
 subprocess) for the real-stack cases. Every rejection must leave every table

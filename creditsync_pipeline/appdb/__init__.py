@@ -1,8 +1,9 @@
 """App database access: schema, reads, bulk compare-and-set corrections and audit.
 
-SQLAlchemy Core only. Works on PostgreSQL (production) and SQLite (embedded
-default). Every error that leaves this package is an :class:`AppDatabaseError`
-with a one-line message that never contains a password.
+SQLAlchemy Core only. Works on PostgreSQL (production), MySQL/MariaDB
+(``mysql+pymysql://``, see docs/mysql.md) and SQLite (embedded default). Every error
+that leaves this package is an :class:`AppDatabaseError` with a one-line message that
+never contains a password.
 
 Modules (one concern each): :mod:`.errors` (errors, URL redaction),
 :mod:`.timestamps` (UTC column type), :mod:`.schema` (tables), :mod:`.migrations`

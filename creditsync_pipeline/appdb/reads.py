@@ -37,8 +37,11 @@ def read_instances(
 
     On PostgreSQL (psycopg2) the rows are streamed with ``COPY ... TO STDOUT`` as
     CSV and parsed by pandas' C reader (no Python object per row); named ids go
-    in ``= ANY(array)`` chunks of ``COPY_READ_CHUNK_SIZE``. Elsewhere named ids
-    are read with bound parameters in chunks of at most ``READ_CHUNK_SIZE``.
+    in ``= ANY(array)`` chunks of ``COPY_READ_CHUNK_SIZE``. On MySQL/MariaDB
+    (PyMySQL) the server formats pages of CSV with ``GROUP_CONCAT`` (primary-key
+    ranges; named ids in ``IN`` lists of ``MYSQL_READ_CHUNK_SIZE``), parsed the same
+    way. Elsewhere named ids are read with bound parameters in chunks of at most
+    ``READ_CHUNK_SIZE``.
     """
     if isinstance(instance_ids, (str, bytes)):
         raise TypeError("instance_ids must be an iterable of ids, not a single string")
