@@ -284,7 +284,7 @@ def copy_out(url: str) -> dict[str, Any]:
                 reader = _PagedReader(conn, ordered=False)
                 reader.read_all()
                 seconds = time.perf_counter() - t0
-                size = sum(len(page.encode("utf-8")) for page in reader.pages)
+                size = sum(len(page) for page in reader.pages)  # UTF-8 bytes, as the server sent them
                 reader.cursor.close()
             return {"seconds": seconds, "bytes": size}
         raw = engine.raw_connection()
