@@ -196,9 +196,11 @@ def test_sessions_are_strict_even_when_the_server_is_not(mysql_url: str) -> None
         lax.dispose()
 
 
-def test_bulk_literals_survive_a_no_backslash_escapes_session(mysql_url: str) -> None:
-    """The bulk INSERT escapes strings the way the session parses them."""
-    quirky = create_engine_from_url(_with_query(mysql_url, init_command="SET sql_mode = 'NO_BACKSLASH_ESCAPES'"))
+def test_bulk_literals_survive_a_no_backslash_escapes_ansi_quotes_session(mysql_url: str) -> None:
+    """The bulk INSERT escapes strings the way the session parses them; "..." may be identifiers."""
+    quirky = create_engine_from_url(
+        _with_query(mysql_url, init_command="SET sql_mode = 'NO_BACKSLASH_ESCAPES,ANSI_QUOTES'")
+    )
     try:
         init_db(quirky)
         ids = [i for i in ODD_IDS if i] + ["back\\slash\\", "quote'\\'", "nul\0byte"]
@@ -210,6 +212,11 @@ def test_bulk_literals_survive_a_no_backslash_escapes_session(mysql_url: str) ->
         assert sorted(result.applied["instance_id"]) == sorted(ids)
         audit = appdb.read_audit(quirky, "esc")
         assert dict(zip(audit["instance_id"], audit["reason"])) == {i: f"why {i}" for i in ids}
+        assert sorted(read_instances(quirky)["instance_id"]) == sorted(ids)  # the paged read too
+        assert appdb.remember_customer_links(quirky, "stripe", {i: f"cus {i}" for i in ids}) == len(ids)
+        assert appdb.land_webhook_event(quirky, event_id='e"1', event_type="t", instance_id="o'brien", payload=None).inserted
+        with quirky.connect() as conn:
+            assert "ANSI_QUOTES" in conn.exec_driver_sql("SELECT @@SESSION.sql_mode").scalar()
     finally:
         quirky.dispose()
 

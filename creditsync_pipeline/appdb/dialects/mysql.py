@@ -399,7 +399,8 @@ class _PagedReader:
         """
         order = " ORDER BY instance_id" if self.ordered else ""
         self.cursor.execute(
-            f"SELECT COUNT(*), CAST(GROUP_CONCAT({_CSV_ROW}{order} SEPARATOR '\\n') AS BINARY) "
+            # A real line feed between the quotes: backslash-n is two characters under NO_BACKSLASH_ESCAPES.
+            f"SELECT COUNT(*), CAST(GROUP_CONCAT({_CSV_ROW}{order} SEPARATOR '\n') AS BINARY) "
             f"FROM instances WHERE {where}"
         )
         count, text = self.cursor.fetchone()
