@@ -35,15 +35,18 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.background import BackgroundTask
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import appdb, settings, sync
 from ..billing import BillingAuthError, BillingError, BillingProvider, BillingUnavailableError
 from ..rules import WRITABLE_KINDS, RulesError
+from ..ids import log_safe
 from . import tokens, webhooks
 from .ratelimit import RateLimiter
+from .receiver import ReceiverSync
 
 __all__ = ["ServeError", "create_app", "serve"]
 
@@ -224,13 +227,16 @@ class _Service:
         body.update(changed=False, outcome=outcome, old=dict(current), new=dict(current))
         return _Outcome(200, body)
 
-    def land(self, event: webhooks.WebhookEvent) -> appdb.LandedEvent:
+    def land(self, event: webhooks.WebhookEvent, lease_owner: str | None = None) -> appdb.LandedEvent:
+        """Land (and commit) the event's row; leased to ``lease_owner`` when given."""
         return appdb.land_webhook_event(
             self.engine,
             event_id=event.event_id,
             event_type=event.event_type,
             instance_id=event.instance_id,
             payload=event.payload,
+            lease_owner=lease_owner,
+            lease_seconds=appdb.DEFAULT_LEASE_SECONDS if lease_owner else None,
         )
 
     def health(self) -> None:
@@ -278,11 +284,16 @@ def create_app(
     billing: BillingProvider | None = None,
     rate_limiter: RateLimiter | None = None,
     clock: Callable[[], datetime] = sync.utcnow,
+    receiver_billing: BillingProvider | None = None,
 ) -> Starlette:
     """Build the app; raise :class:`settings.SettingsError` when it cannot work.
 
     ``engine``/``billing`` default to ones built from ``cfg`` (and are closed
     on shutdown); tests inject their own, and a ``rate_limiter`` and ``clock``.
+    The receivers' background syncs use ``receiver_billing`` (default: ``billing``
+    when injected, else a provider with a batch job's budget); they run while the
+    app's lifespan runs, with ``cfg.receiver_workers`` threads (0: the sensor syncs
+    every row).
     """
     cfg = cfg if cfg is not None else settings.from_env()
     if not cfg.app_secret:
@@ -290,6 +301,7 @@ def create_app(
     app_secret = str(cfg.app_secret)
     webhook_secret = str(cfg.webhook_secret)
     owned: list[Callable[[], None]] = []
+    billing_injected = billing is not None
     if engine is None:
         engine = appdb.create_engine_from_url(cfg.database_url)
         owned.append(engine.dispose)
@@ -305,6 +317,7 @@ def create_app(
     limiter = rate_limiter if rate_limiter is not None else RateLimiter(cfg.sync_rate_limit, RATE_WINDOW_SECONDS)
     service = _Service(cfg, engine, billing)
     in_flight: set[str] = set()
+    receiver: ReceiverSync | None = None  # started by the lifespan
 
     async def sync_credits(request: Request) -> JSONResponse:
         try:
@@ -334,9 +347,8 @@ def create_app(
             in_flight.discard(instance_id)
         return JSONResponse(outcome.body, status_code=outcome.status, headers=outcome.headers)
 
-    async def webhook(request: Request) -> JSONResponse:
-        if not webhook_secret:
-            return _error(503, "webhook_not_configured", "the webhook receiver is disabled: CREDITSYNC_WEBHOOK_SECRET is not set")
+    async def read_body(request: Request) -> bytes | JSONResponse:
+        """The raw body (verified byte for byte), or the error answer: too large, cut off."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > webhooks.MAX_EVENT_BYTES:
             return _error(413, "payload_too_large", f"webhook bodies are limited to {webhooks.MAX_EVENT_BYTES} bytes")
@@ -348,24 +360,50 @@ def create_app(
                     return _error(413, "payload_too_large", f"webhook bodies are limited to {webhooks.MAX_EVENT_BYTES} bytes")
         except ClientDisconnect:
             return _error(400, "client_disconnected", "the request body was not received completely")
-        raw = bytes(body)
+        return bytes(body)
+
+    async def receive(request: Request, provider: str, verify: Callable[[bytes, Any], webhooks.WebhookEvent]) -> Response:
+        """Every receiver: verify, land + commit (leased to this process when it has room),
+        answer 200, then sync the row in the background (:class:`ReceiverSync`)."""
+        raw = await read_body(request)
+        if isinstance(raw, JSONResponse):
+            return raw
         try:
-            webhooks.verify_webhook_signature(
-                request.headers.get(webhooks.SIGNATURE_HEADER), raw, webhook_secret, now=clock().timestamp()
-            )
-            event = webhooks.parse_event(raw)
+            event = verify(raw, request.headers)
         except webhooks.WebhookError as exc:
-            logger.warning("[CreditSync] Webhook refused: %s (%s)", exc.code, exc.message)
+            logger.warning("[CreditSync] %s webhook refused: %s (%s)", provider, exc.code, exc.message)
             return _error(exc.status, exc.code, exc.message)
+        reserved = receiver is not None and receiver.reserve()
         try:
-            inserted = (await run_in_threadpool(service.land, event)).inserted
+            landed = await run_in_threadpool(service.land, event, receiver.owner if reserved else None)
         except appdb.AppDatabaseError as exc:
-            logger.error("[CreditSync] Webhook %s not landed: %s", event.event_id, sync.one_line(exc))
+            if reserved:
+                receiver.cancel()
+            logger.error("[CreditSync] Webhook %s not landed: %s", log_safe(event.event_id), sync.one_line(exc))
             return _error(503, "database_unavailable", "the event was not stored; retry later",
                           {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})
-        logger.info("[CreditSync] Webhook %s (%s) for instance %s %s", event.event_id, event.event_type,
-                    event.instance_id or "-", "landed" if inserted else "already landed (duplicate)")
-        return JSONResponse({"received": True, "event_id": event.event_id, "duplicate": not inserted})
+        sync_logger.info(
+            "[CreditSync] Billing webhook event %s for instance %s (%s event %s%s)",
+            log_safe(event.event_type), log_safe(event.instance_id or "-"), provider, log_safe(event.event_id),
+            "" if landed.inserted else ", a redelivery",
+        )
+        task = None
+        if reserved and landed.leased:
+            task = BackgroundTask(receiver.submit, landed.id)  # after the response has been sent
+        elif reserved:
+            receiver.cancel()
+        return JSONResponse(
+            {"received": True, "event_id": event.event_id, "duplicate": not landed.inserted}, background=task
+        )
+
+    def verify_generic(raw: bytes, headers: Any) -> webhooks.WebhookEvent:
+        webhooks.verify_webhook_signature(headers.get(webhooks.SIGNATURE_HEADER), raw, webhook_secret, now=clock().timestamp())
+        return webhooks.parse_event(raw)
+
+    async def webhook(request: Request) -> Response:
+        if not webhook_secret:
+            return _error(503, "webhook_not_configured", "the webhook receiver is disabled: CREDITSYNC_WEBHOOK_SECRET is not set")
+        return await receive(request, "generic", verify_generic)
 
     async def healthz(request: Request) -> JSONResponse:
         try:
@@ -388,22 +426,37 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+        nonlocal receiver
         try:
             await run_in_threadpool(service.health)
         except appdb.AppDatabaseError as exc:
             logger.warning("[CreditSync] App database not reachable at start-up (GET /healthz will say 503): %s",
                            sync.one_line(exc))
+        background: list[Callable[[], None]] = []
+        if cfg.receiver_workers:
+            syncing = receiver_billing or (billing if billing_injected else None)
+            if syncing is None:
+                syncing = sync.open_billing(cfg, engine)
+                background.append(syncing.close)
+            receiver = ReceiverSync(engine, syncing, workers=cfg.receiver_workers)
+            background.insert(0, receiver.close)
         logger.info(
-            "[CreditSync] Manual sync app ready: %s (limit %d per instance per %g s), webhook receiver %s",
-            SYNC_PATH, limiter.limit, limiter.window,
-            WEBHOOK_PATH if webhook_secret else "disabled (CREDITSYNC_WEBHOOK_SECRET not set)",
+            "[CreditSync] Manual sync app ready: %s (limit %d per instance per %g s), webhook receivers %s, "
+            "background syncs: %s",
+            SYNC_PATH, limiter.limit, limiter.window, ", ".join(receiver_paths) or "none",
+            f"{cfg.receiver_workers} worker(s)" if receiver is not None else "off (the webhook sensor syncs every row)",
         )
         try:
             yield
         finally:
+            app.state.receiver = receiver
+            receiver = None
+            for close in background:
+                close()
             for close in reversed(owned):
                 close()
 
+    receiver_paths = [WEBHOOK_PATH] if webhook_secret else []
     app = Starlette(
         routes=[
             Route(SYNC_PATH, sync_credits, methods=["POST"]),
