@@ -17,54 +17,32 @@ Serves what :mod:`creditsync_pipeline.billing.wix` calls:
 Tokens look like Wix's (``OauthNG.JWS.<random>``) and live ``token_ttl`` seconds
 (Wix: 14400). ``rate_limit`` (requests a minute per instance, both endpoints; Wix: 200)
 answers 429 with ``Retry-After`` (seconds to the end of the minute window) beyond it.
-The fault kinds of :mod:`.base` apply to either endpoint.
+The fault kinds of :mod:`..base` apply to either endpoint.
 
 Admin endpoints (unauthenticated, for a simulator in another process), beside the common
 ones: ``PUT /_sim/instances/{id}`` (the instance object as served under ``"instance"``;
 re-installs a removed one), ``GET``/``DELETE /_sim/instances/{id}``, ``POST
 /_sim/instances/{id}/remove`` (the app uninstalled: tokens refused, issued ones revoked),
-``POST /_sim/tokens/expire`` (every issued token expires now), ``PUT /_sim/rate_limit``
+``POST /_sim/tokens/expire`` (every issued token expires now), ``POST
+/_sim/tokens/dead_on_arrival`` (``{"count": N}``: the next N tokens expire before their
+first use -- a token that expires mid-run), ``PUT``/``DELETE
+/_sim/instances/{id}/failure`` (``{"status": 500, "endpoint": "token" | "instance" |
+"any"}``: that instance's requests fail persistently), ``PUT /_sim/rate_limit``
 (``{"per_minute": N | null}``).
-
-:func:`instances_from_records` turns SPEC-shaped generic records (the demo's, the
-benchmark's :func:`.generic.generate_records`) into Wix instances; :func:`demo_instances`
-does it for :func:`creditsync_pipeline.demo.demo_dataset`. Run it standalone::
-
-    WIX_APP_ID=... WIX_APP_SECRET=... python -m creditsync_pipeline.simulators.wix --port 8766 --generate 1000
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import secrets
-import sys
 import time
 from collections.abc import Iterable, Mapping
-from datetime import date, datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote
 
-import pandas as pd
+from ..base import MISSING, NOT_FOUND_HTML, Handler, Simulator, consteq
 
-from ..rules import entitles
-from .base import MISSING, NOT_FOUND_HTML, Handler, Simulator, consteq, serve_until_signalled
-from .generic import generate_records
-
-if TYPE_CHECKING:
-    from ..demo import DemoData
-
-__all__ = [
-    "DEFAULT_APP_ID",
-    "DEFAULT_APP_SECRET",
-    "FAULT_ENDPOINTS",
-    "WixSimulator",
-    "demo_instances",
-    "instances_from_records",
-    "main",
-]
+__all__ = ["DEFAULT_APP_ID", "DEFAULT_APP_SECRET", "DEFAULT_TOKEN_TTL", "FAULT_ENDPOINTS", "WixSimulator"]
 
 FAULT_ENDPOINTS = ("token", "instance", "any")
 DEFAULT_APP_ID = "sim-wix-app-id"
@@ -109,6 +87,8 @@ class WixSimulator(Simulator):
         self._removed: set[str] = set()
         self._tokens: dict[str, tuple[str, float]] = {}  # token -> (instance id, expires at, monotonic)
         self._windows: dict[str, list[float]] = {}  # instance id -> [window start, requests]
+        self._failing: dict[str, tuple[int, str]] = {}  # instance id -> (HTTP status, endpoint)
+        self._dead_on_arrival = 0
         self.tokens_granted = 0
         self.set_instances(instances)
 
@@ -155,13 +135,17 @@ class WixSimulator(Simulator):
         if not isinstance(instance_id, str) or not instance_id:
             self._oauth_error(handler, 400, "invalid_request", "instance_id is required")
             return
-        if self._limited(handler, instance_id):
+        if self._limited(handler, instance_id) or self._failed(handler, instance_id, "token"):
             return
         with self._lock:
             installed = instance_id in self._instances and instance_id not in self._removed
             if installed:
                 token = _TOKEN_PREFIX + secrets.token_urlsafe(32)
-                self._tokens[token] = (instance_id, time.monotonic() + self.token_ttl)
+                expires = time.monotonic() + self.token_ttl
+                if self._dead_on_arrival:  # expires before its first use
+                    self._dead_on_arrival -= 1
+                    expires = 0.0
+                self._tokens[token] = (instance_id, expires)
                 self.tokens_granted += 1
         if not installed:
             self._oauth_error(
@@ -186,7 +170,7 @@ class WixSimulator(Simulator):
             handler.json(401, _UNAUTHENTICATED)
             return
         assert issued is not None
-        if self._limited(handler, issued[0]):
+        if self._limited(handler, issued[0]) or self._failed(handler, issued[0], "instance"):
             return
         handler.json(200, {"instance": instance, "site": {"siteId": f"site-of-{issued[0]}", "locale": "en"}})
 
@@ -213,11 +197,32 @@ class WixSimulator(Simulator):
                 headers={"Retry-After": str(wait)})
         return over
 
+    def _failed(self, handler: Handler, instance_id: str, endpoint: str) -> bool:
+        """The persistent per-instance failure set by :meth:`set_failure`, if any."""
+        with self._lock:
+            failure = self._failing.get(instance_id)
+        if failure is None or failure[1] not in (endpoint, "any"):
+            return False
+        handler.json(failure[0], {"message": "simulated failure", "details": {
+            "applicationError": {"code": "INTERNAL", "description": "simulated failure"}}})
+        return True
+
     # -- admin ----------------------------------------------------------------------------
 
     def admin(self, handler: Handler, method: str, path: str, body: bytes) -> bool:
         if path == "/_sim/tokens/expire" and method == "POST":
             handler.json(200, {"expired": self.expire_tokens()})
+            return True
+        if path == "/_sim/tokens/dead_on_arrival" and method == "POST":
+            doc = handler.json_body(body)
+            if doc is MISSING:
+                return True
+            count = doc.get("count") if isinstance(doc, dict) else None
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                handler.error(400, "bad_request", "expected {\"count\": an integer >= 0}")
+                return True
+            self.expire_next_tokens(count)
+            handler.json(200, {"ok": True})
             return True
         if path == "/_sim/rate_limit" and method == "PUT":
             doc = handler.json_body(body)
@@ -232,9 +237,10 @@ class WixSimulator(Simulator):
             return True
         if not path.startswith(_ADMIN_PREFIX):
             return False
-        raw, remove = path[len(_ADMIN_PREFIX):], False
-        if raw.endswith("/remove"):
-            raw, remove = raw[: -len("/remove")], True
+        raw, action = path[len(_ADMIN_PREFIX):], ""
+        for suffix in ("/remove", "/failure"):
+            if raw.endswith(suffix):
+                raw, action = raw[: -len(suffix)], suffix[1:]
         try:
             instance_id = unquote(raw, errors="strict")
         except UnicodeDecodeError:
@@ -242,11 +248,24 @@ class WixSimulator(Simulator):
             return True
         if not raw or "/" in raw:
             handler.error(404, "not_found")
-        elif remove:
+        elif action == "remove":
             if method == "POST":
                 handler.json(200, {"removed": self.remove_instance(instance_id)})
             else:
                 handler.error(405, "method_not_allowed")
+        elif action == "failure":
+            doc = handler.json_body(body) if method == "PUT" else {"status": None}
+            if doc is MISSING:
+                return True
+            if method not in ("PUT", "DELETE") or not isinstance(doc, dict):
+                handler.error(405 if method not in ("PUT", "DELETE") else 400, "bad_request")
+                return True
+            try:
+                self.set_failure(instance_id, doc.get("status"), endpoint=doc.get("endpoint", "any"))
+            except ValueError as exc:
+                handler.error(400, "bad_request", str(exc))
+                return True
+            handler.json(200, {"ok": True})
         elif method == "PUT":
             doc = handler.json_body(body)
             if doc is MISSING:
@@ -323,6 +342,24 @@ class WixSimulator(Simulator):
             self._tokens.clear()
             return count
 
+    def expire_next_tokens(self, count: int = 1) -> None:
+        """The next ``count`` tokens granted are expired before their first use (401, then a retry)."""
+        with self._lock:
+            self._dead_on_arrival = max(0, int(count))
+
+    def set_failure(self, instance_id: str, status: int | None = 500, *, endpoint: str = "any") -> None:
+        """Every request for this instance (``token``, ``instance`` or ``any``) answers ``status``;
+        None heals it. A persistent failure of one look-up, whatever the retries."""
+        if endpoint not in FAULT_ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {', '.join(FAULT_ENDPOINTS)}")
+        if status is not None and (isinstance(status, bool) or not isinstance(status, int) or not 400 <= status < 600):
+            raise ValueError("status must be an HTTP error status (4xx/5xx) or None")
+        with self._lock:
+            if status is None:
+                self._failing.pop(instance_id, None)
+            else:
+                self._failing[instance_id] = (status, endpoint)
+
     def set_rate_limit(self, per_minute: int | None) -> None:
         with self._lock:
             self._rate_limit = per_minute
@@ -331,128 +368,3 @@ class WixSimulator(Simulator):
     def __len__(self) -> int:
         with self._lock:
             return len(self._instances)
-
-
-# -- from SPEC-shaped records ------------------------------------------------------------------
-
-
-def instances_from_records(
-    records: Iterable[Mapping[str, Any]],
-    *,
-    installed: Iterable[str] = (),
-    package_names: Mapping[str, str] | None = None,
-    now: datetime | None = None,
-    app_name: str = "creditsync demo",
-) -> dict[str, dict[str, Any]]:
-    """Wix instances for SPEC-shaped generic records (instance id -> instance object).
-
-    An instance with an entitling record (the rules' own :func:`~creditsync_pipeline.rules.entitles`
-    at ``now``; several: the latest ``updated_at``) has the paid ``packageName`` (its
-    ``plan_id``, or ``package_names[plan_id]``): ``trialing`` -> a free trial in progress,
-    ``canceled`` paid through -> ``autoRenewing`` false, a period end -> a yearly plan with
-    that ``expirationDate``. Every other record's instance, and every id in ``installed``
-    (the app rows), is a free installation.
-    """
-    frame = pd.DataFrame(
-        [r for r in records if isinstance(r, Mapping) and isinstance(r.get("instance_id"), str)],
-        columns=["instance_id", "plan_id", "status", "current_period_end", "updated_at"],
-    )
-    out: dict[str, dict[str, Any]] = {i: _free(i, app_name) for i in installed}
-    if frame.empty:
-        return out
-    judged = pd.DataFrame({
-        "status": frame["status"],
-        "current_period_end": pd.to_datetime(frame["current_period_end"], utc=True, errors="coerce", format="ISO8601"),
-    })
-    frame["entitled"] = entitles(judged, now or datetime.now(timezone.utc)).to_numpy()
-    frame = frame.sort_values(["entitled", "updated_at"], kind="stable", na_position="first")
-    names = package_names or {}
-    for r in frame.drop_duplicates("instance_id", keep="last").itertuples(index=False):
-        if not r.entitled:
-            out[r.instance_id] = _free(r.instance_id, app_name)
-            continue
-        end = r.current_period_end if isinstance(r.current_period_end, str) else None
-        billing: dict[str, Any] = {
-            "packageName": names.get(r.plan_id, r.plan_id) if isinstance(r.plan_id, str) else r.plan_id,
-            "billingCycle": "YEARLY" if end else "MONTHLY",
-            "timeStamp": r.updated_at,
-            "autoRenewing": r.status != "canceled",
-        }
-        if end:
-            billing["expirationDate"] = end
-        if r.status == "trialing":
-            billing["freeTrialInfo"] = {"status": "IN_PROGRESS"}
-        out[r.instance_id] = {"instanceId": r.instance_id, "appName": app_name, "isFree": False, "billing": billing}
-    return out
-
-
-def _free(instance_id: str, app_name: str) -> dict[str, Any]:
-    return {"instanceId": instance_id, "appName": app_name, "isFree": True}
-
-
-def demo_instances(data: DemoData, *, now: datetime | None = None) -> dict[str, dict[str, Any]]:
-    """The Wix side of the demo data set: every app row installed, paid where billing entitles.
-
-    (``deleted-site-9``, the demo's purchase for an instance the app never provisioned,
-    is a Wix instance too; a Wix full run only looks up app rows, so it never shows.)
-    """
-    return instances_from_records(data.records, installed=[r["instance_id"] for r in data.instances], now=now)
-
-
-def _load_json(path: str, what: str) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if not isinstance(data, (list, dict)):
-        raise ValueError(f"{path}: expected a JSON list or object of {what}")
-    return data
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: serve until SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(
-        prog="python -m creditsync_pipeline.simulators.wix",
-        description=(
-            "Wix OAuth + App Instance API simulator (app id/secret from WIX_APP_ID / WIX_APP_SECRET, "
-            f"defaults {DEFAULT_APP_ID!r} / {DEFAULT_APP_SECRET!r})."
-        ),
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8766)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--records", metavar="FILE.json", help="a JSON list of SPEC-shaped subscription records")
-    source.add_argument("--generate", type=int, metavar="N", help="N synthetic instances (generic generate_records)")
-    source.add_argument("--instances", metavar="FILE.json", help="Wix instance objects (id -> instance, or a list)")
-    parser.add_argument("--installed", metavar="FILE.json", help="with --records: a JSON list of every installed instance id")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --generate (default 0)")
-    parser.add_argument("--anchor", type=date.fromisoformat, metavar="YYYY-MM-DD", help="anchor day of --generate")
-    parser.add_argument("--token-ttl", type=float, default=DEFAULT_TOKEN_TTL, help="token lifetime, seconds (14400)")
-    parser.add_argument("--rate-limit", type=int, metavar="N", help="requests a minute per instance (Wix: 200)")
-    args = parser.parse_args(argv)
-    if args.installed and not args.records:
-        parser.error("--installed goes with --records")
-    try:
-        if args.generate is not None:
-            instances: Any = instances_from_records(generate_records(args.generate, seed=args.seed, anchor=args.anchor))
-        elif args.records:
-            installed = _load_json(args.installed, "instance ids") if args.installed else []
-            instances = instances_from_records(_load_json(args.records, "records"), installed=installed)
-        else:
-            instances = _load_json(args.instances, "instances") if args.instances else {}
-        sim = WixSimulator(
-            instances,
-            app_id=os.environ.get("WIX_APP_ID") or DEFAULT_APP_ID,
-            app_secret=os.environ.get("WIX_APP_SECRET") or DEFAULT_APP_SECRET,
-            token_ttl=args.token_ttl,
-            rate_limit=args.rate_limit,
-            host=args.host,
-            port=args.port,
-        )
-        sim.start()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"wix simulator: {exc}", file=sys.stderr)
-        return 2
-    return serve_until_signalled(sim, lambda: f"wix simulator listening on {sim.base_url} ({len(sim)} instances)")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
