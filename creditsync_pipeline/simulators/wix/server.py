@@ -24,8 +24,8 @@ ones: ``PUT /_sim/instances/{id}`` (the instance object as served under ``"insta
 re-installs a removed one), ``GET``/``DELETE /_sim/instances/{id}``, ``POST
 /_sim/instances/{id}/remove`` (the app uninstalled: tokens refused, issued ones revoked),
 ``POST /_sim/tokens/expire`` (every issued token expires now), ``POST
-/_sim/tokens/dead_on_arrival`` (``{"count": N}``: the next N tokens expire before their
-first use -- a token that expires mid-run), ``PUT``/``DELETE
+/_sim/tokens/dead_on_arrival`` (``{"count": N}``: the next N tokens granted, one per instance,
+expire before their first use -- a token that expires mid-run), ``PUT``/``DELETE
 /_sim/instances/{id}/failure`` (``{"status": 500, "endpoint": "token" | "instance" |
 "any"}``: that instance's requests fail persistently), ``PUT /_sim/rate_limit``
 (``{"per_minute": N | null}``).
@@ -89,6 +89,7 @@ class WixSimulator(Simulator):
         self._windows: dict[str, list[float]] = {}  # instance id -> [window start, requests]
         self._failing: dict[str, tuple[int, str]] = {}  # instance id -> (HTTP status, endpoint)
         self._dead_on_arrival = 0
+        self._dead_for: set[str] = set()
         self.tokens_granted = 0
         self.set_instances(instances)
 
@@ -142,8 +143,9 @@ class WixSimulator(Simulator):
             if installed:
                 token = _TOKEN_PREFIX + secrets.token_urlsafe(32)
                 expires = time.monotonic() + self.token_ttl
-                if self._dead_on_arrival:  # expires before its first use
+                if self._dead_on_arrival and instance_id not in self._dead_for:  # expires before its first use
                     self._dead_on_arrival -= 1
+                    self._dead_for.add(instance_id)
                     expires = 0.0
                 self._tokens[token] = (instance_id, expires)
                 self.tokens_granted += 1
@@ -343,9 +345,11 @@ class WixSimulator(Simulator):
             return count
 
     def expire_next_tokens(self, count: int = 1) -> None:
-        """The next ``count`` tokens granted are expired before their first use (401, then a retry)."""
+        """The next ``count`` tokens granted, one per instance, expire before their first use
+        (a token that expires mid-run: 401, then a fresh token for that instance works)."""
         with self._lock:
             self._dead_on_arrival = max(0, int(count))
+            self._dead_for.clear()
 
     def set_failure(self, instance_id: str, status: int | None = 500, *, endpoint: str = "any") -> None:
         """Every request for this instance (``token``, ``instance`` or ``any``) answers ``status``;
