@@ -153,3 +153,20 @@ def test_constructor_checks():
     assert len(sim) == 1 and sim.instance("a") == {"instanceId": "a", "isFree": True}
     with pytest.raises(ValueError, match="endpoint"):
         sim.set_failure("a", 500, endpoint="list")
+
+
+def test_demo_instances_file_as_the_demo_would_start_it(tmp_path):
+    from creditsync_pipeline.simulators.wix import demo_instances
+
+    data = demo_dataset(NOW)
+    path = tmp_path / "wix_instances.json"
+    path.write_text(json.dumps(demo_instances(data)))
+    proc, url, count = start("--instances", str(path))
+    try:
+        assert count == 201  # every app row, plus the demo's purchase for a site the app never provisioned
+        with WixProvider(APP_ID, SECRET, api_base=url, tokens=TokenCache()) as wix:
+            snap = wix.fetch_all([i["instance_id"] for i in data.instances])
+        assert snap.unresolved.empty
+        assert dict(zip(snap.records["instance_id"], snap.records["plan_id"]))["abc123"] == "pro"
+    finally:
+        stop(proc)
