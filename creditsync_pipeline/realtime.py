@@ -37,7 +37,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from . import appdb, rules, sync
-from .billing import BillingAuthError, BillingProvider, instance_id_problem
+from .billing import BillingAuthError, BillingProvider
+from .ids import instance_id_problem
 
 CORRECTED = "corrected"
 ALREADY_CORRECT = "already_correct"
@@ -297,7 +298,9 @@ def run_batch(
     unclaimed_names: set[str] = set()
     result = BatchResult(instances=InstanceResults())
     if webhook_event_ids:
-        claimed = appdb.claim_webhook_events(engine, webhook_event_ids)
+        claimed = appdb.claim_webhook_events(
+            engine, webhook_event_ids, owner=run_id, lease_seconds=appdb.DEFAULT_LEASE_SECONDS
+        )
         taken = {row.id for row in claimed}
         result.already_processed = sorted({int(i) for i in webhook_event_ids} - taken)
         if result.already_processed:

@@ -111,7 +111,7 @@ class World:
 
     def land(self, event_id: str, instance_id: str | None, payload: str | None = None, event_type="subscription.updated") -> int:
         assert appdb.land_webhook_event(self.engine, event_id=event_id, event_type=event_type,
-                                        instance_id=instance_id, payload=payload)
+                                        instance_id=instance_id, payload=payload).inserted
         return self.row(event_id)["id"]
 
     def rows(self) -> dict[str, dict]:

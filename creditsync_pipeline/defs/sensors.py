@@ -94,7 +94,7 @@ from dagster import (
 from sqlalchemy.engine import Engine
 
 from .. import appdb, realtime
-from ..billing import instance_id_problem
+from ..ids import instance_id_problem
 from .assets import TRIGGER_TAG
 from .jobs import SYNC_TAG, instance_credit_sync_job
 from .resources import AlertWebhookResource, AppDatabaseResource
