@@ -402,15 +402,14 @@ def test_progress_is_logged_every_tenth(caplog):
         ": 666 paid, 334 free, 0 removed, 0 failed")
 
 
-def test_left_alone_instances_are_logged(sim, caplog):
+def test_the_summary_counts_removed_and_failed(sim, caplog):
     sim.remove_instance("site-004")
     sim.set_failure("site-005", 500)
     caplog.set_level(logging.INFO, logger="creditsync.billing")
     with make(sim, max_attempts=1) as wix:
         wix.fetch_all(IDS)
-    warning = next(r.getMessage() for r in caplog.records if "left alone" in r.getMessage())
-    assert warning.startswith("Wix: 2 instance(s) left alone")
-    assert "removed=1" in warning and "unavailable=1" in warning and "site-004" in warning and "site-005" in warning
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Wix: looked up 40 "))
+    assert summary.endswith(": 24 paid, 14 free, 1 removed, 1 failed")
 
 
 def _echo_transport(token: str) -> httpx.MockTransport:

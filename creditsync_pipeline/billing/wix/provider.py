@@ -33,7 +33,7 @@ What the other answers mean:
 * An app row whose id is not a usable instance id is not sent: ``LOOKUP_ERROR``, left alone.
 
 Full runs log ``Wix: looked up N of M instance(s)`` every 10 % (from 1,000 instances),
-then one summary line, and a warning listing the instances left alone.
+then one summary line (the sync itself lists the instances left alone).
 
 The app secret and every access token are masked out of every message, log line and
 report; the repr shows neither.
@@ -85,7 +85,7 @@ _REFUSED_WITHOUT_GRANT = 200
 #: the shape of a Wix OAuth access token (masked even where we did not send it)
 _WIX_TOKEN_RE = re.compile(r"OauthNG\.JWS\.[A-Za-z0-9_\-.=]+")
 _SAFE_CODE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-_LISTED = 5
+_CHECKED = 5
 
 
 class _Batch:
@@ -197,7 +197,7 @@ class WixProvider(BillingProvider):
         An instance whose token is refused (removed) is skipped for the next one (at most 5).
         """
         tried: list[str] = []
-        for instance_id in list(dict.fromkeys(instance_ids))[:_LISTED]:
+        for instance_id in list(dict.fromkeys(instance_ids))[:_CHECKED]:
             if instance_id_problem(instance_id) is not None:
                 continue
             tried.append(instance_id)
@@ -283,19 +283,6 @@ class WixProvider(BillingProvider):
             "Wix: looked up %d instance(s) in %.1fs: %d paid, %d free, %d removed, %d failed",
             snapshot.lookups, seconds, paid, max(0, snapshot.lookups - paid - len(snapshot.unresolved)), removed, failed,
         )
-        if len(snapshot.unresolved):
-            listed = "; ".join(
-                f"{r.instance_id} ({r.status}: {r.reason})"
-                for r in snapshot.unresolved.head(_LISTED).itertuples(index=False)
-            )
-            more = len(snapshot.unresolved) - _LISTED
-            logger.warning(
-                "Wix: %d instance(s) left alone, billing could not answer for them (%s): %s%s",
-                len(snapshot.unresolved),
-                ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
-                listed,
-                f"; and {more} more" if more > 0 else "",
-            )
 
     # -- one instance ---------------------------------------------------------------------
 
