@@ -168,7 +168,7 @@ def cmd_serve(args: argparse.Namespace, cfg: settings.Settings) -> int:
 def cmd_demo(args: argparse.Namespace, cfg: settings.Settings) -> int:
     from . import demo
 
-    return demo.main(port=args.port, ui=not args.no_ui)
+    return demo.main(port=args.port, ui=not args.no_ui, provider=args.provider)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="seed a SQLite app DB, start the billing simulator and the Dagster UI")
     demo.add_argument("--port", type=int, default=3000, help="Dagster UI port (default 3000)")
     demo.add_argument("--no-ui", action="store_true", help="seed and run the first sync, then exit")
+    demo.add_argument("--provider", choices=("generic", "wix"), default="generic",
+                      help="the billing provider to simulate (default generic)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

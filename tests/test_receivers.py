@@ -180,3 +180,41 @@ def test_the_pool_refuses_rows_beyond_its_bound(world, db_url):
         pool.close()
         billing.close()
         engine.dispose()
+
+
+# -- the Wix receiver ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wix_keys() -> tuple[str, str]:
+    from creditsync_pipeline.server.wix import generate_key_pair
+
+    return generate_key_pair()
+
+
+def test_a_signed_wix_delivery_is_synced_at_once(world, db_url, wix_keys):
+    """Paid Plan Purchased for abc123 (stuck at free): verified, landed, answered, corrected."""
+    from creditsync_pipeline.server.wix import sign_wix_webhook
+    from creditsync_pipeline.settings import WixSettings
+    from creditsync_pipeline.simulators.wix import WixSimulator, demo_instances
+
+    data, _ = world
+    private_key, public_key = wix_keys
+    with WixSimulator(demo_instances(data), app_id="app-1", app_secret="wix-SECRET-recv-1") as wix:
+        cfg = Settings(
+            database_url=db_url, billing_provider="wix", app_secret=Secret(APP_SECRET), receiver_workers=1,
+            wix=WixSettings(app_id="app-1", app_secret=Secret("wix-SECRET-recv-1"), api_base=wix.base_url,
+                            webhook_public_key=public_key),
+        )
+        body = sign_wix_webhook(private_key, event_type="PaidPlanPurchased", instance_id="abc123",
+                                data={"vendorProductId": "pro", "cycle": "MONTHLY"})
+        with TestClient(create_app(cfg)) as client:
+            response = client.post("/api/billing/webhook/wix", content=body, headers={"Content-Type": "text/plain"})
+            assert response.status_code == 200, response.text
+            wait_for(lambda: next(iter(rows(db_url).values()))["processed_at"] is not None)
+            forged = client.post("/api/billing/webhook/wix", content=body[:-4] + "AAAA")
+            assert forged.status_code == 401
+    (row,) = rows(db_url).values()
+    assert (row["event_type"], row["instance_id"], row["outcome"]) == ("PaidPlanPurchased", "abc123", "corrected")
+    assert end_state(db_url)["abc123"][:2] == ("pro", 5000)
+    assert "wix-SECRET-recv-1" not in str(cfg) and private_key not in response.text

@@ -47,6 +47,7 @@ from ..ids import log_safe
 from . import tokens, webhooks
 from .ratelimit import RateLimiter
 from .receiver import ReceiverSync
+from .wix import WixWebhookVerifier
 
 __all__ = ["ServeError", "create_app", "serve"]
 
@@ -57,6 +58,7 @@ sync_logger = logging.getLogger("creditsync")
 
 SYNC_PATH = "/api/billing/sync-credits"
 WEBHOOK_PATH = "/api/billing/webhook"
+WIX_WEBHOOK_PATH = "/api/billing/webhook/wix"
 HEALTH_PATH = "/healthz"
 
 #: the manual-sync rate limit window, seconds (the limit itself is a setting)
@@ -300,6 +302,12 @@ def create_app(
         raise settings.SettingsError("CREDITSYNC_APP_SECRET is not set")
     app_secret = str(cfg.app_secret)
     webhook_secret = str(cfg.webhook_secret)
+    wix_verifier = None
+    if cfg.wix.webhook_public_key:
+        try:
+            wix_verifier = WixWebhookVerifier(cfg.wix.webhook_public_key)
+        except ValueError as exc:
+            raise settings.SettingsError(f"WIX_WEBHOOK_PUBLIC_KEY: {sync.one_line(exc)}") from None
     owned: list[Callable[[], None]] = []
     billing_injected = billing is not None
     if engine is None:
@@ -405,6 +413,11 @@ def create_app(
             return _error(503, "webhook_not_configured", "the webhook receiver is disabled: CREDITSYNC_WEBHOOK_SECRET is not set")
         return await receive(request, "generic", verify_generic)
 
+    async def wix_webhook(request: Request) -> Response:
+        if wix_verifier is None:
+            return _error(503, "webhook_not_configured", "the Wix webhook receiver is disabled: WIX_WEBHOOK_PUBLIC_KEY is not set")
+        return await receive(request, "wix", lambda raw, headers: wix_verifier.parse(raw))
+
     async def healthz(request: Request) -> JSONResponse:
         try:
             await run_in_threadpool(service.health)
@@ -456,11 +469,12 @@ def create_app(
             for close in reversed(owned):
                 close()
 
-    receiver_paths = [WEBHOOK_PATH] if webhook_secret else []
+    receiver_paths = [p for p, on in ((WEBHOOK_PATH, webhook_secret), (WIX_WEBHOOK_PATH, wix_verifier)) if on]
     app = Starlette(
         routes=[
             Route(SYNC_PATH, sync_credits, methods=["POST"]),
             Route(WEBHOOK_PATH, webhook, methods=["POST"]),
+            Route(WIX_WEBHOOK_PATH, wix_webhook, methods=["POST"]),
             Route(HEALTH_PATH, healthz, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
