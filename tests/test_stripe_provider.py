@@ -294,6 +294,7 @@ def filled(sim: StripeSimulator) -> StripeSimulator:
     ids=["429-without-retry-after", "429-retry-after", "500-twice", "dropped-connection", "slow-page"],
 )
 def test_transient_faults_are_retried_and_the_list_completes(filled, make, fault) -> None:
+    fault = dict(fault)
     filled.add_fault(fault.pop("kind"), **fault)
     provider = make(page_size=5)
     sleeps: list[float] = []
