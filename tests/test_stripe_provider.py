@@ -509,3 +509,40 @@ def test_a_failing_links_store_means_search_for_targeted_look_ups(sim, make, cap
 def test_a_targeted_look_up_never_sends_an_id_that_is_not_usable(make) -> None:
     with pytest.raises(ValueError, match="cannot fetch instance"):
         make().fetch_instances(["bad\nid"])
+
+
+# -- the pipelined walk -----------------------------------------------------------------------
+
+
+def test_guess_next_reads_the_cursor_off_the_bytes_only_when_it_is_plain() -> None:
+    import json
+
+    import orjson
+
+    from creditsync_pipeline.billing.stripe.provider import UNKNOWN, guess_next
+
+    page = {"object": "list", "data": [
+        {"id": "sub_1", "object": "subscription", "items": {"data": [{"id": "si_1", "subscription": "sub_1"}]}},
+        {"id": "sub_2", "object": "subscription", "customer": {"id": "cus_2", "object": "customer"}},
+    ], "has_more": True, "url": "/v1/subscriptions"}
+    assert guess_next(orjson.dumps(page)) == "sub_2"
+    assert guess_next(json.dumps(page, indent=2).encode()) == "sub_2"  # Stripe pretty-prints
+    assert guess_next(json.dumps({**page, "has_more": False}).encode()) is None
+    assert guess_next(json.dumps(page, sort_keys=True).encode()) is UNKNOWN  # localstripe's key order
+    assert guess_next(b"<html>") is UNKNOWN
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["stripe-400", "restarting-server"])
+def test_a_wrong_guess_is_dropped_and_the_list_completes_one_page_at_a_time(sim, make, restart) -> None:
+    """Metadata that looks like a subscription's start fools the guess: the pages fetched on it
+    are never used, and the walk goes on from the true cursor."""
+    sim.restart_on_unknown_cursor = restart
+    for n in range(7):
+        customer(sim, f"cus_{n}", f"inst-{n}")
+        subscription(sim, f"sub_{n}", f"cus_{n}", created=NOW - n)
+    sim.put_subscription("sub_1", customer="cus_1", created=NOW - 1, metadata={"id": "sub_decoy", "object": "subscription"},
+                         items=[{"price": "price_pro", "lookup_key": "pro"}])
+    snapshot = make(page_size=2).fetch_all(plan_ids=PLANS)
+    assert sorted(snapshot.records["instance_id"]) == [f"inst-{n}" for n in range(7)]
+    assert snapshot.pages == 4
+    assert sim.request_count("list") > snapshot.pages  # the page asked for with the decoy was dropped

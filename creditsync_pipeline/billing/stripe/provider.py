@@ -35,7 +35,7 @@ from ..http import HttpApi, json_type, utcnow
 from ..records import concat_frames, empty_invalid, empty_records, instance_id_problem, short_repr, validate_fields
 from .subscriptions import API_VERSION, PageFields, SubscriptionMapper, entitles_at, instance_of
 
-__all__ = ["MAX_PAGE_SIZE", "StripeProvider", "search_query", "stripe_error"]
+__all__ = ["MAX_PAGE_SIZE", "UNKNOWN", "StripeProvider", "guess_next", "search_query", "stripe_error"]
 
 logger = logging.getLogger("creditsync.billing")
 
@@ -48,7 +48,7 @@ MAX_PAGE_SIZE = 100
 _PREFETCH_PAGES = 4
 _VALIDATE_BATCH = 20_000
 #: key-like tokens Stripe puts in its messages ("Invalid API Key provided: sk_test_****1234")
-_KEYLIKE_RE = re.compile(r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9*]*|\bwhsec_[A-Za-z0-9*]*")
+_KEYLIKE_RE = re.compile(r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9_*]*|\bwhsec_[A-Za-z0-9_*]*")
 _SAFE_WORD_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _T = TypeVar("_T")
 
@@ -86,6 +86,34 @@ def stripe_error(response: httpx.Response) -> tuple[str, str, str]:
         if len(text) > 160:
             text = text[:157] + "..."
     return word(error.get("type")), word(error.get("code")), text
+
+
+#: a list page's tail: ``"has_more": true|false, "url": "..."}`` (Stripe's key order)
+_TAIL_RE = re.compile(rb'"has_more"\s*:\s*(true|false)\s*,\s*"url"\s*:\s*"[^"\\]*"\s*\}\s*\Z')
+#: where a subscription object begins: ``{"id": "sub_...", "object": "subscription"``
+_SUBSCRIPTION_ID_RE = re.compile(rb'"id"\s*:\s*"(sub_[A-Za-z0-9_]{1,200})"\s*,\s*"object"\s*:\s*"subscription"')
+#: how far from the end the last subscription begins, at most, for a guess (else: no guess)
+_GUESS_WINDOW = 256 * 1024
+#: :func:`guess_next` could not tell
+UNKNOWN: Any = object()
+
+
+def guess_next(content: bytes) -> str | None | Any:
+    """The next page's cursor read off a list page's bytes, without parsing them.
+
+    None: the page says ``has_more`` is false. The last subscription's id otherwise, or
+    :data:`UNKNOWN` when the bytes do not show it plainly (another key order, a server
+    that is not Stripe). Only a guess: the parsed page is always checked against it.
+    """
+    tail = _TAIL_RE.search(content, max(0, len(content) - 1024))
+    if tail is None:
+        return UNKNOWN
+    if tail.group(1) == b"false":
+        return None
+    last = None
+    for last in _SUBSCRIPTION_ID_RE.finditer(content, max(0, len(content) - _GUESS_WINDOW)):
+        pass
+    return last.group(1).decode("ascii") if last is not None else UNKNOWN
 
 
 def _prefetched(source: Callable[[threading.Event], Iterator[_T]], depth: int, name: str) -> Iterator[_T]:
@@ -275,9 +303,7 @@ class StripeProvider(BillingProvider):
             batch = PageFields.empty()
             observed.clear()
 
-        walk = _prefetched(
-            lambda stop: self._walk(LIST_PATH, params, what, cancel=stop), _PREFETCH_PAGES, "stripe-pages"
-        )
+        walk = self._pipelined(LIST_PATH, params, what)
         with closing(walk):
             for data, sent_at, page_what in walk:
                 pages += 1
@@ -472,31 +498,23 @@ class StripeProvider(BillingProvider):
         params: Mapping[str, Any],
         what: str,
         *,
-        cancel: threading.Event | None = None,
         pages: int | None = None,
         missing_ok: bool = False,
+        start: str | None = None,
+        first_page: int = 1,
     ) -> Iterator[tuple[list[dict[str, Any]], datetime, str]]:
-        """Every page of a list (``starting_after`` = the last id, until ``has_more`` is false)
-        as (objects, request sent at, what); raises on a page of the wrong shape.
+        """Every page of a list, one after the other (``starting_after`` = the last id, until
+        ``has_more`` is false) as (objects, request sent at, what); raises on a page of the
+        wrong shape. ``start``: the cursor of the first page requested (``first_page``).
 
         ``missing_ok``: a 404 (a customer Stripe does not know) raises :class:`_NoSuchCustomer`.
         """
-        cursor: str | None = None
-        page = 0
-        while cancel is None or not cancel.is_set():
+        cursor = start
+        page = first_page - 1
+        while True:
             page += 1
             page_what = f"{what} (page {page})"
-            query = dict(params)
-            if cursor is not None:
-                query["starting_after"] = cursor
-            response, sent_at = self._api.request("GET", path, page_what, params=query, cancel=cancel)
-            if cancel is not None and cancel.is_set():
-                return
-            status = response.status_code
-            if status != 200:
-                if missing_ok and (status == 404 or (status == 400 and stripe_error(response)[1] == "resource_missing")):
-                    raise _NoSuchCustomer()
-                raise self._refuse(response, page_what)
+            response, sent_at = self._get_page(path, params, cursor, page_what, missing_ok=missing_ok)
             body = self._api.parse_json(response.content, response.headers.get("Content-Type", "unknown"), page_what)
             del response
             data, has_more = self._list_shape(body, page_what)
@@ -504,6 +522,74 @@ class StripeProvider(BillingProvider):
             if not has_more or (pages is not None and page >= pages):
                 return
             cursor = data[-1]["id"]
+
+    def _get_page(
+        self, path: str, params: Mapping[str, Any], cursor: str | None, what: str, *,
+        cancel: threading.Event | None = None, missing_ok: bool = False,
+    ) -> tuple[httpx.Response, datetime]:
+        """One list page's 200 response (retried by the HTTP layer), else the error."""
+        query = dict(params)
+        if cursor is not None:
+            query["starting_after"] = cursor
+        response, sent_at = self._api.request("GET", path, what, params=query, cancel=cancel)
+        status = response.status_code
+        if status != 200:
+            if missing_ok and (status == 404 or (status == 400 and stripe_error(response)[1] == "resource_missing")):
+                raise _NoSuchCustomer()
+            raise self._refuse(response, what)
+        return response, sent_at
+
+    def _pipelined(
+        self, path: str, params: Mapping[str, Any], what: str
+    ) -> Iterator[tuple[list[dict[str, Any]], datetime, str]]:
+        """:meth:`_walk`, with the next page on its way while this thread parses and maps the
+        current one.
+
+        A fetcher thread does only HTTP: it reads the next cursor (the last subscription's
+        id) and ``has_more`` off the page's bytes (:func:`guess_next`) and asks for the next
+        page at once. This thread parses every page and checks the guess against it: each
+        page must have been asked for with the true cursor of the page before. When the
+        bytes do not show the cursor plainly, or a guess was wrong, the pages fetched on it
+        are dropped unused and the rest of the list is walked one page after the other
+        from the true cursor. At most ``_PREFETCH_PAGES + 1`` pages are requested ahead.
+        """
+
+        def fetch(stop: threading.Event) -> Iterator[tuple[int, bytes, str, datetime, str | None, Any]]:
+            cursor: str | None = None
+            page = 0
+            while not stop.is_set():
+                page += 1
+                response, sent_at = self._get_page(path, params, cursor, f"{what} (page {page})", cancel=stop)
+                if stop.is_set():
+                    return
+                content, content_type = response.content, response.headers.get("Content-Type", "unknown")
+                del response
+                guess = guess_next(content)
+                yield page, content, content_type, sent_at, cursor, guess
+                if not isinstance(guess, str):
+                    return
+                cursor = guess
+
+        expected: str | None = None
+        page = 0
+        with closing(_prefetched(fetch, _PREFETCH_PAGES, "stripe-pages")) as walk:
+            for page_no, content, content_type, sent_at, used, guess in walk:
+                if used != expected:
+                    break  # asked for with a wrong guess: drop it, walk on from the true cursor
+                page = page_no
+                page_what = f"{what} (page {page})"
+                body = self._api.parse_json(content, content_type, page_what)
+                del content
+                data, has_more = self._list_shape(body, page_what)
+                del body
+                yield data, sent_at, page_what
+                if not has_more:
+                    return
+                expected = data[-1]["id"]
+                if guess != expected:
+                    break
+        if expected is not None:
+            yield from self._walk(path, params, what, start=expected, first_page=page + 1)
 
     def _list_shape(self, body: Any, what: str) -> tuple[list[dict[str, Any]], bool]:
         if not isinstance(body, dict):

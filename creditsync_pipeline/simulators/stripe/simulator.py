@@ -7,7 +7,7 @@ Served (bearer or basic auth with the API key; Stripe's error JSON
   ``ended``; one status), ``customer``, ``limit`` 1..100 (default 10), ``starting_after``
   (an unknown id is a 400 ``resource_missing``, as Stripe answers -- or, with
   ``restart_on_unknown_cursor``, the list restarts from the top, as localstripe does),
-  ``expand[]=data.customer``; newest first, ``has_more``. Unknown parameters are refused.
+  ``expand[]=data.customer`` (or ``expand[0]``); newest first, ``has_more``. Unknown parameters are refused.
 * ``GET /v1/customers/search`` and ``GET /v1/subscriptions/search`` -- ``query`` of one
   ``metadata['k']:'v'`` clause (either quote, backslash escapes; matched case-insensitively
   like Stripe), ``limit``, ``page``; an object is found only ``search_lag`` seconds after
@@ -49,8 +49,10 @@ MAX_LIMIT = 100
 _BASIL = "2025-03-31"
 _LIST = "/v1/subscriptions"
 _SEARCH = {"/v1/customers/search": "customers", "/v1/subscriptions/search": "subscriptions"}
-_LIST_PARAMS = {"status", "customer", "limit", "starting_after", "expand[]", "expand"}
-_SEARCH_PARAMS = {"query", "limit", "page", "expand[]", "expand"}
+_LIST_PARAMS = {"status", "customer", "limit", "starting_after"}
+_SEARCH_PARAMS = {"query", "limit", "page"}
+#: ``expand``, ``expand[]``, ``expand[0]`` (the official libraries index the array)
+_EXPAND_RE = re.compile(r"expand(?:\[\d*\])?")
 _STATUS_FILTERS = {"all", "ended", "active", "trialing", "past_due", "canceled", "unpaid", "incomplete",
                    "incomplete_expired", "paused"}
 #: metadata['key']:'value' (either quote; backslash escapes)
@@ -318,7 +320,7 @@ class StripeSimulator(Simulator):
         return limit
 
     def _expand(self, handler: StripeHandler, params: dict[str, list[str]]) -> bool | None:
-        wanted = params.get("expand[]", []) + params.get("expand", [])
+        wanted = [v for name, values in params.items() if _EXPAND_RE.fullmatch(name) for v in values]
         for path in wanted:
             if path != "data.customer":
                 handler.error(400, "bad_expand", f"This property cannot be expanded ({path[:40]}).", param="expand")
@@ -326,7 +328,7 @@ class StripeSimulator(Simulator):
         return bool(wanted)
 
     def _unknown(self, handler: StripeHandler, params: dict[str, list[str]], allowed: set[str]) -> bool:
-        unknown = sorted(set(params) - allowed)
+        unknown = sorted(name for name in set(params) - allowed if not _EXPAND_RE.fullmatch(name))
         if unknown:
             handler.error(400, "unknown_parameter", f"Received unknown parameter: {unknown[0][:40]}",
                           code="parameter_unknown", param=unknown[0][:40])
