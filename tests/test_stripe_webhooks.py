@@ -190,3 +190,18 @@ def test_the_link_an_event_shows_is_offered_for_remembering() -> None:
                                   instances_of_customer=lambda c: ["known"])
     assert via_link.instance_id == "known" and customer_link(via_link) == {}
     assert customer_link(parse_stripe_event(event("charge.succeeded"))) == {}
+
+
+def test_an_event_from_the_simulator_names_its_instance_and_verifies_with_the_library() -> None:
+    from creditsync_pipeline.simulators.stripe import StripeSimulator
+
+    sim = StripeSimulator()
+    sim.put_customer("cus_a", metadata={"instance_id": "inst-a"})
+    sim.put_subscription("sub_a", customer="cus_a")
+    body = sim.event("sub_a", "customer.subscription.deleted", created=1_800_000_000)
+    header = sign_stripe_payload(SECRET, body)
+    assert stripe.Webhook.construct_event(body, header, SECRET).type == "customer.subscription.deleted"
+    # the object's customer is an id: the remembered link names the instance
+    parsed = receive_stripe_webhook(header, body, secret=SECRET, instances_of_customer={"cus_a": ["inst-a"]}.get)
+    assert parsed.instance_id == "inst-a" and parsed.event_id == json.loads(body)["id"]
+    assert sim.event("sub_a", "customer.subscription.deleted", created=1_800_000_000) == body  # a redelivery

@@ -223,6 +223,20 @@ class StripeSimulator(Simulator):
         with self._lock:
             return dict(self._subs)
 
+    def event(self, subscription_id: str, event_type: str = "customer.subscription.updated", *,
+              event_id: str | None = None, created: int | None = None) -> bytes:
+        """The body Stripe would POST to a webhook endpoint about one subscription (its customer
+        not expanded, as in real events); sign it with ``server.stripe.sign_stripe_payload``."""
+        with self._lock:
+            sub = self._subs[subscription_id]
+            obj = render_subscription(sub, sub.customer)
+        created = int(created if created is not None else time.time())
+        return orjson.dumps({
+            "id": event_id or object_id("evt", subscription_id, event_type, created), "object": "event",
+            "api_version": _BASIL + ".basil", "created": created, "data": {"object": obj}, "livemode": False,
+            "pending_webhooks": 1, "request": {"id": None, "idempotency_key": None}, "type": event_type,
+        })
+
     def health(self) -> dict[str, Any]:
         doc = super().health()
         with self._lock:
