@@ -519,7 +519,7 @@ def test_guess_next_reads_the_cursor_off_the_bytes_only_when_it_is_plain() -> No
 
     import orjson
 
-    from creditsync_pipeline.billing.stripe.provider import UNKNOWN, guess_next
+    from creditsync_pipeline.billing.stripe.lists import UNKNOWN, guess_next
 
     page = {"object": "list", "data": [
         {"id": "sub_1", "object": "subscription", "items": {"data": [{"id": "si_1", "subscription": "sub_1"}]}},

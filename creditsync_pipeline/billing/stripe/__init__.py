@@ -2,7 +2,8 @@
 
 * :mod:`.subscriptions` -- the mapping, pure: which instance a subscription belongs to,
   its plan, status and period end (the table of every case is there);
-* :mod:`.provider` -- the I/O: :class:`StripeProvider` over one pooled httpx client.
+* :mod:`.lists` -- Stripe's lists over HTTP: pages, the pipelined walk, search, errors;
+* :mod:`.provider` -- :class:`StripeProvider`: what to ask, what the answers mean.
 
 What it asks Stripe (bearer ``STRIPE_API_KEY``, ``Stripe-Version: 2025-03-31.basil``; the
 older shape, periods on the subscription and items with only a ``plan``, is read too):
@@ -37,7 +38,8 @@ webhook signature scheme, and in the benchmark.
 
 from __future__ import annotations
 
-from .provider import MAX_PAGE_SIZE, StripeProvider, search_query, stripe_error
+from .lists import MAX_PAGE_SIZE, guess_next, search_query, stripe_error
+from .provider import StripeProvider
 from .subscriptions import API_VERSION, SubscriptionMapper, instance_of, item_identifier
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "StripeProvider",
     "SubscriptionMapper",
+    "guess_next",
     "instance_of",
     "item_identifier",
     "search_query",

@@ -2,7 +2,8 @@
 
 * :mod:`.objects` -- customers, prices, subscriptions and their JSON (current and older shape);
 * :mod:`.convert` -- SPEC-shaped records (the demo's, the benchmark's) -> Stripe objects;
-* :mod:`.simulator` -- :class:`StripeSimulator`, the HTTP server and its admin endpoints.
+* :mod:`.simulator` -- :class:`StripeSimulator`, the HTTP server;
+* :mod:`.admin` -- its ``/_sim/...`` endpoints, to drive it from another process.
 
 Run it standalone (API key from ``STRIPE_API_KEY``, default ``sk_test_simulator``)::
 

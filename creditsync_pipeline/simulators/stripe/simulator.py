@@ -19,12 +19,7 @@ Served (bearer or basic auth with the API key; Stripe's error JSON
 Fault endpoints (:mod:`..base`): ``list`` (the unfiltered list), ``customer_list`` (the list
 of one customer), ``search`` (both searches), ``any``.
 
-Admin endpoints (unauthenticated, for a simulator in another process), beside the common ones:
-``PUT``/``DELETE /_sim/customers/{id}`` and ``/_sim/subscriptions/{id}`` (JSON bodies as
-:meth:`StripeSimulator.put_customer` / :meth:`~StripeSimulator.put_subscription` take),
-``POST /_sim/records`` (``{"records": [...SPEC records...], "metadata_on": ...}``: replace
-everything), ``POST /_sim/config`` (``search_lag``, ``search_enabled``,
-``restart_on_unknown_cursor``, ``legacy_periods``), ``DELETE /_sim/data``.
+Admin endpoints (unauthenticated, for a simulator in another process): :mod:`.admin`.
 """
 
 from __future__ import annotations
@@ -34,11 +29,12 @@ import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 import orjson
 
-from ..base import MISSING, Handler, Simulator, consteq
+from ..base import Handler, Simulator, consteq
+from .admin import admin_request
 from .convert import MetadataOn, stripe_objects_from_records
 from .objects import Customer, Item, Price, Subscription, object_id, render_customer, render_subscription
 
@@ -444,74 +440,7 @@ class StripeSimulator(Simulator):
     # -- admin ----------------------------------------------------------------------------
 
     def admin(self, handler: Handler, method: str, path: str, body: bytes) -> bool:
-        for prefix, put, delete in (
-            ("/_sim/customers/", self._admin_customer, self.delete_customer),
-            ("/_sim/subscriptions/", self._admin_subscription, self.delete_subscription),
-        ):
-            if path.startswith(prefix):
-                object_key = unquote(path[len(prefix):])
-                if not object_key or "/" in object_key:
-                    handler.error(404, "not_found")
-                elif method == "PUT":
-                    doc = handler.json_body(body)
-                    if doc is not MISSING:
-                        if not isinstance(doc, dict):
-                            handler.error(400, "bad_request", "expected a JSON object")
-                        else:
-                            try:
-                                put(object_key, doc)
-                            except (KeyError, TypeError, ValueError) as exc:
-                                handler.error(400, "bad_request", f"bad object: {exc}")
-                            else:
-                                handler.json(200, {"ok": True})
-                elif method == "DELETE":
-                    handler.json(200, {"deleted": delete(object_key)})
-                else:
-                    handler.error(405, "method_not_allowed")
-                return True
-        if path == "/_sim/records" and method == "POST":
-            doc = handler.json_body(body)
-            if doc is MISSING:
-                return True
-            if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
-                handler.error(400, "bad_request", "expected {\"records\": [...]}")
-                return True
-            options = {k: doc[k] for k in ("metadata_key", "metadata_on", "lookup_keys") if k in doc}
-            try:
-                self.load_records(doc["records"], **options)
-            except (TypeError, ValueError) as exc:
-                handler.error(400, "bad_request", str(exc))
-                return True
-            handler.json(200, {"ok": True, "subscriptions": len(self._subs)})
-            return True
-        if path == "/_sim/config" and method == "POST":
-            doc = handler.json_body(body)
-            if doc is MISSING:
-                return True
-            allowed = {"search_lag", "search_enabled", "restart_on_unknown_cursor", "legacy_periods"}
-            if not isinstance(doc, dict) or set(doc) - allowed:
-                handler.error(400, "bad_request", f"expected an object with some of {sorted(allowed)}")
-                return True
-            for name, value in doc.items():
-                setattr(self, name, float(value) if name == "search_lag" else bool(value))
-            handler.json(200, {"ok": True})
-            return True
-        if path == "/_sim/data" and method == "DELETE":
-            self.clear()
-            handler.json(200, {"ok": True})
-            return True
-        return False
-
-    def _admin_customer(self, customer_id: str, doc: dict[str, Any]) -> None:
-        allowed = {"metadata", "email", "name", "created", "deleted", "extra"}
-        if set(doc) - allowed:
-            raise ValueError(f"unknown customer fields {sorted(set(doc) - allowed)}")
-        self.put_customer(customer_id, **doc)
-
-    def _admin_subscription(self, subscription_id: str, doc: dict[str, Any]) -> None:
-        if "customer" not in doc:
-            raise ValueError("a subscription needs a customer")
-        self.put_subscription(subscription_id, **doc)
+        return admin_request(self, handler, method, path, body)
 
 
 def _matches(status: str, wanted: str | None) -> bool:
