@@ -1,7 +1,8 @@
 """The ``creditsync`` command line: check, fix, init-db, serve, demo.
 
 Exit codes: ``check`` 0 = no mismatch, 1 = mismatches; ``fix`` 0 = done,
-3 = refused by a guard rail; every command 2 = error, with one line on
+3 = refused by a guard rail, 4 = done but billing could not answer for some
+instances (left alone, listed); every command 2 = error, with one line on
 stderr and no traceback (set ``CREDITSYNC_DEBUG=1`` for one).
 """
 
@@ -18,13 +19,18 @@ from typing import Any
 import pandas as pd
 
 from . import appdb, settings, sync
-from .billing import BillingError
+from .billing import FAILED_STATUSES, BillingError
+from .ids import log_safe
 from .rules import MISMATCH_COLUMNS, RulesError
 
 EXIT_OK = 0
 EXIT_MISMATCHES = 1
 EXIT_ERROR = 2
 EXIT_REFUSED = 3
+#: ``fix`` did its work, but billing could not answer for some instances (left alone, listed)
+EXIT_LEFT_ALONE = 4
+#: left-alone instances listed one per line in the text output
+UNRESOLVED_SHOWN = 20
 
 EXPECTED_ERRORS = (BillingError, appdb.AppDatabaseError, RulesError, settings.SettingsError)
 
@@ -66,10 +72,32 @@ def mismatches_json(report: sync.SyncReport) -> dict[str, Any]:
         {col: _jsonable(getattr(row, col)) for col in MISMATCH_COLUMNS}
         for row in report.mismatches.itertuples(index=False)
     ]
-    return {"mismatches": rows, **report.summary()}
+    doc = {"mismatches": rows, **report.summary()}
+    doc["unresolved_instances"] = [  # every one of them here (the summary keeps the first ones)
+        {"instance_id": str(r.instance_id), "status": str(r.status), "reason": str(r.reason)}
+        for r in report.unresolved.itertuples(index=False)
+    ]
+    return doc
+
+
+def _print_unresolved(report: sync.SyncReport, out: Any) -> None:
+    """The instances billing could not answer for: left alone, never written."""
+    if report.unresolved.empty:
+        return
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(report.unresolved_counts().items()))
+    print(f"{len(report.unresolved)} instance(s) left alone: billing could not answer for them ({counts}):", file=out)
+    for row in report.unresolved.head(UNRESOLVED_SHOWN).itertuples(index=False):
+        print(f"  {log_safe(row.instance_id, 80)}  {row.status}  {log_safe(row.reason, 160)}", file=out)
+    if len(report.unresolved) > UNRESOLVED_SHOWN:
+        print(f"  ... and {len(report.unresolved) - UNRESOLVED_SHOWN} more (all of them in --json)", file=out)
+
+
+def _failed_lookups(report: sync.SyncReport) -> int:
+    return int(report.unresolved["status"].isin(FAILED_STATUSES).sum())
 
 
 def _print_table(report: sync.SyncReport, out: Any) -> None:
+    _print_unresolved(report, out)
     if report.mismatches.empty:
         print(f"No mismatches among {report.total_instances} instance(s).", file=out)
         return
@@ -83,7 +111,7 @@ def _print_table(report: sync.SyncReport, out: Any) -> None:
 
 
 def cmd_check(args: argparse.Namespace, cfg: settings.Settings) -> int:
-    report = _run_sync(cfg, args.instance, sync.SyncOptions(dry_run=True, max_change_ratio=cfg.max_change_ratio))
+    report = _run_sync(cfg, args.instance, sync.SyncOptions.from_settings(cfg, dry_run=True))
     if args.json:
         print(json.dumps(mismatches_json(report), ensure_ascii=False, indent=2))
     else:
@@ -92,7 +120,7 @@ def cmd_check(args: argparse.Namespace, cfg: settings.Settings) -> int:
 
 
 def cmd_fix(args: argparse.Namespace, cfg: settings.Settings) -> int:
-    options = sync.SyncOptions(dry_run=args.dry_run, force=args.force, max_change_ratio=cfg.max_change_ratio)
+    options = sync.SyncOptions.from_settings(cfg, dry_run=args.dry_run, force=args.force)
     report = _run_sync(cfg, args.instance, options)
     if args.json:
         print(json.dumps(mismatches_json(report), ensure_ascii=False, indent=2))
@@ -103,9 +131,16 @@ def cmd_fix(args: argparse.Namespace, cfg: settings.Settings) -> int:
             f"skipped_conflict={s['skipped_conflict']} skipped_stale={s['skipped_stale']} "
             f"remaining={s['remaining']} dry_run={str(report.dry_run).lower()}"
         )
+        _print_unresolved(report, sys.stdout)
+    for warning in report.warnings:
+        print(f"creditsync: warning: committed {report.applied_count} correction(s), but {warning}", file=sys.stderr)
     if report.refused:
         print(f"creditsync: refused: {report.refused}", file=sys.stderr)
         return EXIT_REFUSED
+    if _failed_lookups(report):
+        print(f"creditsync: {_failed_lookups(report)} instance(s) left alone: billing could not answer for them",
+              file=sys.stderr)
+        return EXIT_LEFT_ALONE
     return EXIT_OK
 
 

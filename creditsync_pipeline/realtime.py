@@ -5,7 +5,10 @@ named is synced with :func:`creditsync_pipeline.sync.run_targeted_sync`
 (``GET /v1/subscriptions/{id}``, the same rules, compare-and-set writes and
 audit as the full sync). This module only decides *which* instances, runs
 that sync (a few rounds, isolating a poisoned instance), and turns the
-reports into per-row outcomes on ``billing_webhook_events``.
+reports into per-row outcomes on ``billing_webhook_events``. The webhook sensor's
+runs and the HTTP receivers (:mod:`creditsync_pipeline.server.receiver`) both settle
+rows through :func:`run_batch`; a lease on each row keeps them from syncing one row
+twice at the same time.
 
 Outcomes (``billing_webhook_events.outcome``):
 
@@ -20,7 +23,10 @@ outcome             processed_at meaning
 ``invalid_record``  set          billing's record for it fails validation (left alone)
 ``duplicate_event`` set          an earlier row carries the same ``event_id``
 ``unreadable``      set          no usable instance id in the row (column or payload)
-``error``           null         the last attempt failed; the sensor retries it
+``error``           null         the last attempt failed for this instance (an unusable
+                                 answer, a bug); the sensor retries it, counting attempts
+``waiting``         null         billing or the database was down as a whole: the attempt
+                                 was given back; the sensor retries once it recovers
 ``failed``          null         gave up after :data:`MAX_ATTEMPTS` attempts; the periodic
                                  full sync still covers the instance (reset ``attempts``
                                  to 0 to retry)
@@ -37,7 +43,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from . import appdb, rules, sync
-from .billing import BillingAuthError, BillingProvider, instance_id_problem
+from .billing import UNAVAILABLE, BillingProvider, is_systemic
+from .ids import instance_id_problem, log_safe
 
 CORRECTED = "corrected"
 ALREADY_CORRECT = "already_correct"
@@ -47,6 +54,7 @@ INVALID_RECORD = "invalid_record"
 DUPLICATE_EVENT = "duplicate_event"
 UNREADABLE = "unreadable"
 ERROR = "error"
+WAITING = "waiting"
 FAILED = "failed"
 
 #: Audit triggers of targeted runs.
@@ -140,12 +148,19 @@ def classify(report: sync.SyncReport, instance_ids: Iterable[str]) -> tuple[dict
     return settled, again
 
 
-def _unresolved_errors(report: sync.SyncReport) -> dict[str, str]:
-    """instance id -> why billing could not answer for it (left alone, retried later)."""
-    return {
+def _unresolved_errors(report: sync.SyncReport) -> tuple[dict[str, str], set[str]]:
+    """(instance id -> why billing could not answer for it, the ids where billing was down)."""
+    errors = {
         str(r.instance_id): f"billing could not answer for it ({r.status}): {r.reason}"
         for r in report.unresolved.itertuples(index=False)
     }
+    down = {str(r.instance_id) for r in report.unresolved.itertuples(index=False) if r.status == UNAVAILABLE}
+    return errors, down
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A failure of billing or the app database as a whole (not of one instance's data)."""
+    return is_systemic(exc) or isinstance(exc, appdb.AppDatabaseError)
 
 
 @dataclass
@@ -155,11 +170,30 @@ class InstanceResults:
     outcomes: dict[str, str] = field(default_factory=dict)
     #: instance_id -> one-line reason it is not settled (retry later)
     errors: dict[str, str] = field(default_factory=dict)
+    #: the errored instances whose failure was billing's or the database's as a whole (an
+    #: outage must not use up a webhook row's retry budget)
+    outage: set[str] = field(default_factory=set)
     reports: list[sync.SyncReport] = field(default_factory=list)
 
     @property
     def applied(self) -> int:
         return sum(r.applied_count for r in self.reports)
+
+    def settle(self, report: sync.SyncReport, ids: Sequence[str]) -> list[str]:
+        """Take one report's outcomes in; return the ids to sync again."""
+        self.reports.append(report)
+        settled, again = classify(report, ids)
+        self.outcomes.update(settled)
+        errors, down = _unresolved_errors(report)
+        self.errors.update(errors)
+        self.outage |= down
+        return again
+
+    def fail(self, ids: Iterable[str], why: str, *, outage: bool) -> None:
+        ids = list(ids)
+        self.errors.update({i: why for i in ids})
+        if outage:
+            self.outage.update(ids)
 
 
 def sync_instances(
@@ -174,12 +208,13 @@ def sync_instances(
 ) -> InstanceResults:
     """Targeted-sync ``instance_ids``; never raises for a sync failure.
 
-    One :func:`sync.run_targeted_sync` call for the batch; instances skipped
-    by compare-and-set get up to ``rounds - 1`` fresh calls. When the batch
-    call fails (one poisoned record fails the whole fetch) the instances are
-    synced one by one so the others still settle; after
-    :data:`MAX_CONSECUTIVE_FAILURES` failures in a row (billing down, not one
-    record) or a rejected token the rest are not attempted.
+    One :func:`sync.run_targeted_sync` call for the batch (billing answers or fails for
+    each instance on its own); instances skipped by compare-and-set get up to
+    ``rounds - 1`` fresh calls. An outage (billing unreachable or refusing the
+    credentials, the database down) fails the rest of the batch at once, marked as an
+    outage. Any other failure of the batch call (a bug, a rules error) is retried one
+    instance at a time so the others still settle; after :data:`MAX_CONSECUTIVE_FAILURES`
+    failures in a row the rest are not attempted.
     """
     results = InstanceResults()
     pending = list(dict.fromkeys(instance_ids))
@@ -191,8 +226,8 @@ def sync_instances(
         try:
             report = sync.run_targeted_sync(engine, billing, pending, trigger=trigger, run_id=run_id, log=log)
         except Exception as exc:  # noqa: BLE001 - every failure is reported per instance
-            if len(pending) == 1 or isinstance(exc, BillingAuthError):
-                results.errors.update({i: sync.one_line(exc) for i in pending})
+            if len(pending) == 1 or is_outage(exc):
+                results.fail(pending, sync.one_line(exc), outage=is_outage(exc))
                 return results
             log.warning(
                 "[CreditSync] The batch of %d instance(s) failed (%s); syncing them one by one",
@@ -200,10 +235,7 @@ def sync_instances(
             )
             pending = _one_by_one(engine, billing, pending, results, trigger=trigger, run_id=run_id, log=log)
             continue
-        results.reports.append(report)
-        settled, pending = classify(report, pending)
-        results.outcomes.update(settled)
-        results.errors.update(_unresolved_errors(report))
+        pending = results.settle(report, pending)
     for iid in pending:
         results.errors[iid] = "changed by another writer during every attempt (compare-and-set); retried later"
     return results
@@ -226,20 +258,16 @@ def _one_by_one(
         try:
             report = sync.run_targeted_sync(engine, billing, [iid], trigger=trigger, run_id=run_id, log=log)
         except Exception as exc:  # noqa: BLE001
-            results.errors[iid] = sync.one_line(exc)
+            results.fail([iid], sync.one_line(exc), outage=is_outage(exc))
             consecutive += 1
-            if consecutive >= MAX_CONSECUTIVE_FAILURES or isinstance(exc, BillingAuthError):
+            if consecutive >= MAX_CONSECUTIVE_FAILURES or is_outage(exc):
                 rest = ids[position + 1 :]
                 why = f"not attempted after {consecutive} consecutive failure(s): {sync.one_line(exc)}"
-                results.errors.update({i: why for i in rest})
+                results.fail(rest, why, outage=is_outage(exc))
                 return again
             continue
         consecutive = 0
-        results.reports.append(report)
-        settled, retry = classify(report, [iid])
-        results.outcomes.update(settled)
-        results.errors.update(_unresolved_errors(report))
-        again.extend(retry)
+        again.extend(results.settle(report, [iid]))
     return again
 
 
@@ -250,7 +278,7 @@ class BatchResult:
     instances: InstanceResults
     #: webhook row id -> outcome written
     rows: dict[int, str] = field(default_factory=dict)
-    #: webhook rows named by the run that another run had already processed
+    #: webhook rows named by the run that another run had processed, or another process holds
     already_processed: list[int] = field(default_factory=list)
     #: config instance ids that are not usable ids (never sent to billing)
     invalid_ids: dict[str, str] = field(default_factory=dict)
@@ -267,7 +295,7 @@ class BatchResult:
 
     def failure_summary(self, limit: int = 5) -> str:
         problems = [f"{i}: {why}" for i, why in self.invalid_ids.items()]
-        problems += [f"{i}: {why}" for i, why in self.instances.errors.items()]
+        problems += [f"{log_safe(i, 80)}: {why}" for i, why in self.instances.errors.items()]
         shown = "; ".join(problems[:limit])
         more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
         return f"{len(problems)} instance(s) not synced: {shown}{more}"
@@ -283,25 +311,32 @@ def run_batch(
     run_id: str,
     log: sync.Log,
     max_attempts: int | None = None,
+    lease_owner: str | None = None,
 ) -> BatchResult:
     """Sync the named instances and settle the named webhook rows.
 
-    Webhook rows are *claimed* first (``attempts + 1`` on each row still
-    unprocessed); a row another run already processed is skipped, and so is
-    its instance unless something else names it. Each claimed row gets its
-    instance's outcome; ``processed_at`` is set only once that instance's
-    sync has committed (or found it already correct).
+    Webhook rows are *claimed* first: leased to ``lease_owner`` (default: this run) and
+    ``attempts + 1`` on each row still unprocessed; a row another run already processed,
+    or that another process holds (a receiver syncing it right now), is skipped, and so is
+    its instance unless something else names it. Each claimed row gets its instance's
+    outcome; ``processed_at`` is set only once that instance's sync has committed (or found
+    it already correct). A row whose sync failed because billing or the database was down
+    as a whole gets its attempt back (outcome ``waiting``): an outage never uses up a
+    row's retry budget.
     """
     max_attempts = MAX_ATTEMPTS if max_attempts is None else max_attempts
+    owner = lease_owner or f"run:{run_id}"
     claimed: list[appdb.WebhookEvent] = []
     unclaimed_names: set[str] = set()
     result = BatchResult(instances=InstanceResults())
     if webhook_event_ids:
-        claimed = appdb.claim_webhook_events(engine, webhook_event_ids)
+        claimed = appdb.claim_webhook_events(
+            engine, webhook_event_ids, owner=owner, lease_seconds=appdb.DEFAULT_LEASE_SECONDS
+        )
         taken = {row.id for row in claimed}
         result.already_processed = sorted({int(i) for i in webhook_event_ids} - taken)
         if result.already_processed:
-            log.info("[CreditSync] %d webhook row(s) already processed by another run; skipped",
+            log.info("[CreditSync] %d webhook row(s) already processed or held by another process; skipped",
                      len(result.already_processed))
             for row in appdb.webhook_events_by_id(engine, result.already_processed):
                 name, _ = event_instance_id(row.instance_id, row.payload)
@@ -317,7 +352,7 @@ def run_batch(
         name, problem = event_instance_id(row.instance_id, row.payload)
         if name is None:
             junk[row.id] = UNREADABLE
-            log.warning("[CreditSync] Webhook row %d (%s) is unreadable: %s", row.id, row.event_id, problem)
+            log.warning("[CreditSync] Webhook row %d (%s) is unreadable: %s", row.id, log_safe(row.event_id), problem)
         else:
             row_instance[row.id] = name
     if junk:
@@ -341,6 +376,7 @@ def run_batch(
 
     done: dict[int, str] = {}
     retry: dict[int, str] = {}
+    waiting: dict[int, str] = {}
     for row in claimed:
         iid = row_instance.get(row.id)
         if iid is None:
@@ -348,10 +384,18 @@ def run_batch(
         outcome = result.instances.outcomes.get(iid)
         if outcome is not None:
             done[row.id] = outcome
+        elif iid in result.instances.outage:
+            waiting[row.id] = WAITING
         else:
             retry[row.id] = FAILED if row.attempts >= max_attempts else ERROR
     if done:
         appdb.mark_webhook_events(engine, done)
+    if waiting:
+        appdb.mark_webhook_events(engine, waiting, processed=False, refund_attempt=True)
+        log.warning(
+            "[CreditSync] Billing or the app database is down: %d webhook row(s) wait for it to recover "
+            "(their retry budget is not used)", len(waiting),
+        )
     if retry:
         appdb.mark_webhook_events(engine, retry, processed=False)
         gave_up = sorted(i for i, o in retry.items() if o == FAILED)
@@ -362,5 +406,6 @@ def run_batch(
                 len(gave_up), max_attempts, ", ".join(map(str, gave_up[:20])),
             )
     result.rows.update(done)
+    result.rows.update(waiting)
     result.rows.update(retry)
     return result

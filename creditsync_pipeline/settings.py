@@ -19,6 +19,7 @@ DEFAULT_DATABASE_URL = "sqlite:///creditsync.db"
 DEFAULT_BILLING_API_URL = "http://127.0.0.1:8765"
 DEFAULT_MAX_CHANGE_RATIO = 0.10
 DEFAULT_MAX_PAID_DOWNGRADE_RATIO = 0.10
+DEFAULT_REPORT_RETENTION_DAYS = 30
 DEFAULT_SYNC_RATE_LIMIT = 3  # manual syncs per instance per minute (``creditsync serve``)
 DEFAULT_WIX_API_BASE = "https://www.wixapis.com"
 DEFAULT_WIX_CONCURRENCY = 16
@@ -95,6 +96,8 @@ class Settings:
     billing_timeout: float = 30.0
     billing_max_attempts: int = 5
     billing_page_size: int = 1000
+    #: ``CREDITSYNC_REPORT_RETENTION_DAYS``: mismatch reports (and stored run values) older than this are pruned
+    report_retention_days: int = DEFAULT_REPORT_RETENTION_DAYS
 
     def require_billing_token(self) -> str:
         if not self.billing_api_token:
@@ -192,6 +195,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     wix_concurrency = _int(env, "WIX_CONCURRENCY", DEFAULT_WIX_CONCURRENCY)
     if not 1 <= wix_concurrency <= 256:
         raise SettingsError(f"WIX_CONCURRENCY must be between 1 and 256, got {wix_concurrency}")
+    retention = _int(env, "CREDITSYNC_REPORT_RETENTION_DAYS", DEFAULT_REPORT_RETENTION_DAYS)
+    if retention < 1:
+        raise SettingsError(f"CREDITSYNC_REPORT_RETENTION_DAYS must be at least 1, got {retention}")
     metadata_key = (env.get("STRIPE_INSTANCE_METADATA_KEY") or DEFAULT_STRIPE_METADATA_KEY).strip()
     if not 1 <= len(metadata_key) <= 40:
         raise SettingsError("STRIPE_INSTANCE_METADATA_KEY must be 1 to 40 characters (Stripe's metadata key limit)")
@@ -222,4 +228,5 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         billing_timeout=_float(env, "BILLING_API_TIMEOUT", 30.0),
         billing_max_attempts=_int(env, "BILLING_API_MAX_ATTEMPTS", 5),
         billing_page_size=page_size,
+        report_retention_days=retention,
     )

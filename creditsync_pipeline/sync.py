@@ -32,6 +32,7 @@ import pandas as pd
 from sqlalchemy.engine import Engine
 
 from . import appdb, rules, settings
+from .ids import log_safe
 from .billing import BillingProvider, BillingSnapshot, provider_from_settings
 from .billing.base import UNRESOLVED_COLUMNS, empty_unresolved
 from .rules import CORRECTION_COLUMNS, KINDS, MISMATCH_COLUMNS, Decision, Guardrails, Scope
@@ -58,12 +59,27 @@ class SyncOptions:
     dry_run: bool = False
     force: bool = False
     max_change_ratio: float = 0.10
+    max_paid_downgrade_ratio: float = 0.10
     #: per-instance "Synced credits for instance ..." lines before summarising
     log_limit: int = 1000
 
     @property
     def guardrails(self) -> Guardrails:
-        return Guardrails(max_change_ratio=self.max_change_ratio, force=self.force)
+        return Guardrails(
+            max_change_ratio=self.max_change_ratio,
+            max_paid_downgrade_ratio=self.max_paid_downgrade_ratio,
+            force=self.force,
+        )
+
+    @classmethod
+    def from_settings(cls, cfg: settings.Settings, **overrides: Any) -> SyncOptions:
+        """The guard-rail settings of the environment (``CREDITSYNC_MAX_*``), plus ``overrides``."""
+        values: dict[str, Any] = {
+            "max_change_ratio": cfg.max_change_ratio,
+            "max_paid_downgrade_ratio": cfg.max_paid_downgrade_ratio,
+        }
+        values.update(overrides)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,9 @@ class AppState:
     plans: pd.DataFrame
     instances: pd.DataFrame
     total_instances: int
+    #: when the read of the rows began (a row with neither updated_at nor created_at is
+    #: only overwritten by billing data observed after it)
+    read_started_at: datetime | None = None
 
 
 @dataclass
@@ -87,13 +106,17 @@ class SyncReport:
     total_instances: int = 0
     billing_records: int = 0
     counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in KINDS})
-    mismatches: pd.DataFrame = field(default_factory=lambda: rules._empty(MISMATCH_COLUMNS))
+    mismatches: pd.DataFrame = field(default_factory=lambda: rules.empty_frame(MISMATCH_COLUMNS))
     planned: int = 0
-    applied: pd.DataFrame = field(default_factory=lambda: rules._empty(CORRECTION_COLUMNS))
+    applied: pd.DataFrame = field(default_factory=lambda: rules.empty_frame(CORRECTION_COLUMNS))
     skipped_conflict: int = 0
     skipped_stale: int = 0
     refused: str | None = None
-    remaining: pd.DataFrame = field(default_factory=lambda: rules._empty(CORRECTION_COLUMNS))
+    #: the guard rails' figures (``rules.GuardReport.as_dict``): the rule that refused, if any
+    guard: dict[str, Any] | None = None
+    #: False when the check after the commit could not run (``remaining`` is then unknown)
+    verified: bool = True
+    remaining: pd.DataFrame = field(default_factory=lambda: rules.empty_frame(CORRECTION_COLUMNS))
     #: requested ids (targeted runs) that have no row in ``instances``
     unknown_instance_ids: list[str] = field(default_factory=list)
     #: instances billing could not answer for (``UNRESOLVED_COLUMNS``): left alone
@@ -134,6 +157,8 @@ class SyncReport:
             "skipped_stale": self.skipped_stale,
             "remaining": int(len(self.remaining)),
             "refused": self.refused,
+            "guard": dict(self.guard) if self.guard else None,
+            "verified": self.verified,
             "unknown_instance_ids": list(self.unknown_instance_ids),
             "provider": self.provider,
             "lookups": self.lookups,
@@ -150,6 +175,10 @@ class SyncReport:
     def unresolved_counts(self) -> dict[str, int]:
         """Left-alone instances per status (``unavailable``, ``error``, ``removed``, ``unlinked``)."""
         return {str(k): int(v) for k, v in self.unresolved["status"].value_counts().items()}
+
+
+class DecisionTooOld(Exception):
+    """A decision whose billing data is too old to write (SPEC: fresh decisions only)."""
 
 
 class SyncRefused(Exception):
@@ -228,12 +257,13 @@ def fetch_billing_for(
 def read_state(engine: Engine, instance_ids: Iterable[str] | None = None, *, plans: pd.DataFrame | None = None) -> AppState:
     """Plans and the instance rows in scope (all, or the named ones)."""
     plans = appdb.load_plans(engine) if plans is None else plans
+    read_started_at = utcnow()
     # The rules order their output themselves: a full read skips the ORDER BY (a sort of the table).
     instances = appdb.read_instances(
         engine, None if instance_ids is None else list(instance_ids), ordered=instance_ids is not None
     )
     total = len(instances) if instance_ids is None else appdb.count_instances(engine)
-    return AppState(plans=plans, instances=instances, total_instances=total)
+    return AppState(plans=plans, instances=instances, total_instances=total, read_started_at=read_started_at)
 
 
 def decide(
@@ -252,6 +282,8 @@ def decide(
         scope=scope,
         guardrails=options.guardrails,
         left_alone=left_alone(snapshot, state),
+        read_started_at=state.read_started_at,
+        fetched_at=snapshot.finished_at,
     )
 
 
@@ -279,12 +311,23 @@ def apply(
 ) -> appdb.ApplyResult | None:
     """Write the decision's corrections (CAS + audit, one transaction).
 
-    Returns ``None`` when nothing may be written: a dry run or a refusal.
+    Returns ``None`` when nothing may be written: a dry run or a refusal. Raises
+    :class:`DecisionTooOld` when the billing data behind the decision was fetched more than
+    ``rules.MAX_DECISION_AGE`` ago (a re-executed old Dagster step, say): nothing is
+    written and the run must be repeated.
     """
     if options.dry_run or decision.refusal is not None:
         return None
+    now = now or utcnow()
+    if decision.fetched_at is not None and now - decision.fetched_at > rules.MAX_DECISION_AGE:
+        minutes = (now - decision.fetched_at).total_seconds() / 60
+        raise DecisionTooOld(
+            f"refusing to write a decision made from billing data fetched {minutes:.0f} minute(s) ago "
+            f"(at {decision.fetched_at.isoformat(timespec='seconds')}; the limit is "
+            f"{rules.MAX_DECISION_AGE.total_seconds() / 60:.0f}); nothing written: run the sync again"
+        )
     return appdb.apply_corrections(
-        engine, decision.corrections, run_id=run_id, trigger=trigger, now=now or utcnow()
+        engine, decision.corrections, run_id=run_id, trigger=trigger, now=now, read_started_at=decision.read_started_at
     )
 
 
@@ -299,7 +342,7 @@ def verify(
     fixable = decision.mismatches[decision.mismatches["kind"].isin(rules.WRITABLE_KINDS)]
     ids = list(fixable["instance_id"])
     if not ids:
-        return rules._empty(CORRECTION_COLUMNS)
+        return rules.empty_frame(CORRECTION_COLUMNS)
     state = AppState(
         plans=appdb.load_plans(engine),
         instances=appdb.read_instances(engine, ids, ordered=False),
@@ -353,10 +396,11 @@ def build_report(
         counts=dict(decision.counts),
         mismatches=decision.mismatches,
         planned=int(len(decision.corrections)),
-        applied=result.applied if result is not None else rules._empty(CORRECTION_COLUMNS),
+        applied=result.applied if result is not None else rules.empty_frame(CORRECTION_COLUMNS),
         skipped_conflict=int(len(result.skipped)) if result is not None else 0,
         skipped_stale=int(len(decision.stale)),
         refused=decision.refusal,
+        guard=decision.guard.as_dict() if decision.guard is not None else None,
         unknown_instance_ids=unknown,
         unresolved=snapshot.unresolved.reset_index(drop=True),
         unassigned=snapshot.unassigned,
@@ -366,7 +410,7 @@ def build_report(
 
 
 def log_outcome(report: SyncReport, log: Log, *, log_limit: int = 1000) -> None:
-    """The operator log lines of a finished run (SPEC vocabulary)."""
+    """The operator log lines of a finished run (SPEC vocabulary); ids are escaped for the log."""
     if report.dry_run:
         log.info(
             "[CreditSync] Dry run: %d mismatch(es) found, would sync credits for %d instance(s); nothing written%s",
@@ -379,9 +423,12 @@ def log_outcome(report: SyncReport, log: Log, *, log_limit: int = 1000) -> None:
         log.error("[CreditSync] Error running credit sync task: refused: %s", report.refused)
         return
     for row in report.applied.head(log_limit).itertuples(index=False):
+        if row.old_plan_id != row.new_plan_id:
+            log.info("Updating instance plan %s: %s → %s", log_safe(row.instance_id), log_safe(row.old_plan_id),
+                     log_safe(row.new_plan_id))
         log.info(
             "Synced credits for instance %s: %s → %s",
-            row.instance_id,
+            log_safe(row.instance_id),
             row.old_credits_total,
             row.new_credits_total,
         )
@@ -389,7 +436,7 @@ def log_outcome(report: SyncReport, log: Log, *, log_limit: int = 1000) -> None:
         log.info("... and %d more instance(s); every change is in credit_sync_audit", report.applied_count - log_limit)
     if report.applied_count:
         log.info("[CreditSync] Successfully synced credits for %d instance(s)", report.applied_count)
-    elif report.mismatch_count == 0:
+    elif report.mismatch_count == 0 and report.unresolved.empty:
         log.info("[CreditSync] All instances already have correct credits")
     if report.skipped_conflict or report.skipped_stale:
         log.warning(
@@ -405,6 +452,16 @@ def log_outcome(report: SyncReport, log: Log, *, log_limit: int = 1000) -> None:
             "[CreditSync] %d mismatch(es) need a person (never written): %s",
             sum(unwritable.values()),
             ", ".join(f"{k}={v}" for k, v in unwritable.items()),
+        )
+    if not report.unresolved.empty:
+        shown = ", ".join(log_safe(i, 60) for i in report.unresolved["instance_id"].head(10))
+        more = f" and {len(report.unresolved) - 10} more" if len(report.unresolved) > 10 else ""
+        log.warning(
+            "[CreditSync] Left %d instance(s) alone that billing could not answer for (%s): %s%s",
+            len(report.unresolved),
+            ", ".join(f"{k}={v}" for k, v in sorted(report.unresolved_counts().items())),
+            shown,
+            more,
         )
 
 
@@ -495,11 +552,26 @@ def _run(
             run_id=run_id, trigger=trigger, options=options, snapshot=snapshot,
             state=state, decision=decision, result=result,
         )
-        with timer.stage("verify"):
+    # What was committed is committed: from here on a failure is a warning on the report,
+    # never a failed run (SPEC: a failure after the commit never turns a committed
+    # correction into a reported failure).
+    with timer.stage("verify"):
+        try:
             report.remaining = verify(engine, snapshot, decision, now=clock())
+        except Exception as exc:  # noqa: BLE001 - reported, the commit stands
+            report.verified = False
+            report.warnings.append(f"the check after the commit failed: {one_line(exc)}")
     report.timings = timer.timings
     report.timings["total"] = time.perf_counter() - started
-    log_outcome(report, log, log_limit=options.log_limit)
+    try:
+        log_outcome(report, log, log_limit=options.log_limit)
+    except Exception as exc:  # noqa: BLE001 - a log sink failing cannot undo the commit
+        report.warnings.append(f"the operator log lines could not be written: {one_line(exc)}")
+    for warning in report.warnings:
+        try:
+            log.warning("[CreditSync] Committed %d correction(s), but %s", report.applied_count, warning)
+        except Exception:  # noqa: BLE001
+            logger.warning("[CreditSync] Committed %d correction(s), but %s", report.applied_count, warning)
     return report
 
 

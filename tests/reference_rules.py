@@ -18,9 +18,9 @@ from creditsync_pipeline.rules import (
     Decision,
     Guardrails,
     Scope,
-    _empty,
     free_plan,
 )
+from creditsync_pipeline.rules import empty_frame as _empty
 
 
 def entitles(records: pd.DataFrame, now: datetime) -> pd.Series:

@@ -190,13 +190,27 @@ def test_empty_billing_list_refuses_unless_forced(world, db_url, sim, capsys):
 
 
 def test_mass_change_guard(world, db_url, sim, capsys):
-    # billing suddenly says 40 paying instances expired: 27% > 10%
+    # billing suddenly says 40 free instances bought a plan: 15 + 40 of 200 changes > max(10, 20)
+    free = [i for i, (plan, _) in world.expected.items() if plan == "free" and not i.startswith("deleted")][:40]
+    for iid in free:
+        sim.upsert({"instance_id": iid, "plan_id": "pro", "status": "active", "current_period_end": None,
+                    "updated_at": "2026-01-01T00:00:00Z"})
+    before = dump_tables(db_url)
+    code, _, err = run_cli(capsys, "fix")
+    assert code == 3 and "mass-change guard" in err and "max_change_ratio" in err
+    assert dump_tables(db_url) == before
+
+
+def test_paid_downgrade_guard(world, db_url, sim, capsys):
+    # billing suddenly says 40 paying instances expired: the paid-downgrade rule names it
     paying = [r for r in world.records if r["status"] == "active" and r["instance_id"] in world.expected][:40]
     for r in paying:
         sim.upsert({**r, "status": "expired", "current_period_end": None})
     before = dump_tables(db_url)
-    code, _, err = run_cli(capsys, "fix")
-    assert code == 3 and "max_change_ratio" in err
+    code, out, err = run_cli(capsys, "fix", "--json")
+    assert code == 3 and "paid-downgrade guard" in err
+    guard = json.loads(out)["guard"]
+    assert guard["rule"] == "paid_downgrade" and guard["paid_to_free"] >= 36 and guard["paid_limit"] == 10
     assert dump_tables(db_url) == before
 
 

@@ -111,7 +111,7 @@ class World:
 
     def land(self, event_id: str, instance_id: str | None, payload: str | None = None, event_type="subscription.updated") -> int:
         assert appdb.land_webhook_event(self.engine, event_id=event_id, event_type=event_type,
-                                        instance_id=instance_id, payload=payload)
+                                        instance_id=instance_id, payload=payload).inserted
         return self.row(event_id)["id"]
 
     def rows(self) -> dict[str, dict]:
@@ -340,14 +340,16 @@ def test_a_row_that_fails_then_succeeds_is_processed(world):
     t0 = 2_000_000_000.0
     (run,) = world.launch(world.tick(billing_webhook_sensor, now=t0))
     assert not run.success
-    assert world.row("evt_1")["outcome"] == "error" and world.state("abc123") == ("free", 100)
+    # billing answered 500 every time: an outage, not this row's fault -- it waits, its attempt given back
+    first = world.row("evt_1")
+    assert first["outcome"] == "waiting" and first["attempts"] == 0 and world.state("abc123") == ("free", 100)
     world.sim.clear_faults()
     assert not world.tick(billing_webhook_sensor, now=t0 + 1).run_requests  # backing off
     retry = world.tick(billing_webhook_sensor, now=t0 + 60)
     (run,) = world.launch(retry)
     assert run.success
     row = world.row("evt_1")
-    assert row["outcome"] == "corrected" and row["processed_at"] is not None and row["attempts"] == 2
+    assert row["outcome"] == "corrected" and row["processed_at"] is not None and row["attempts"] == 1
 
 
 def test_burst_of_1000_rows_is_a_few_runs(world):
@@ -496,7 +498,9 @@ def test_failed_provisioning_run_is_retried(world):
     retry = world.tick(new_instance_sensor, now=t0 + 60)
     (request,) = retry.run_requests
     assert config_of(request)["instance_ids"] == ["fresh-2"]
-    assert json.loads(retry.cursor)["inflight"][request.run_key]["attempt"] == 2
+    # billing answered 500 every time: an outage, so the retry is still the first attempt
+    assert world.instance.get_run_by_id(run.run_id).tags.get("creditsync/outage") == "true"
+    assert json.loads(retry.cursor)["inflight"][request.run_key]["attempt"] == 1
     (run,) = world.launch(retry)
     assert run.success and world.state("fresh-2") == ("starter", 1000)
 
@@ -636,3 +640,60 @@ def test_failure_alert_without_a_webhook_only_logs(world, monkeypatch, caplog):
     credit_sync_failure_alert(context)
     assert "[CreditSync] Error running credit sync task: instance_credit_sync_job" in caplog.text
     assert "billing API unavailable" in caplog.text
+
+
+# -- SPEC safety rules of the nets ------------------------------------------------------------------
+
+
+def test_a_created_at_in_the_future_never_blinds_the_provisioning_net(world):
+    """One app server with a clock a day fast must not hide every instance created until then."""
+    world.tick(new_instance_sensor)
+    tomorrow = datetime.now(timezone.utc) + timedelta(days=1)
+    world.sim.upsert(record("fast-clock", "pro"))
+    add_instance(world, "fast-clock", created_at=tomorrow)
+    first = world.tick(new_instance_sensor)
+    (request,) = first.run_requests
+    assert config_of(request)["instance_ids"] == ["fast-clock"]
+    wm = datetime.fromisoformat(json.loads(first.cursor)["wm"])
+    assert wm < datetime.now(timezone.utc) + timedelta(minutes=5)  # clamped to the database's clock
+    world.launch(first)
+
+    world.sim.upsert(record("normal", "team"))
+    add_instance(world, "normal")  # created now: before the bogus "tomorrow"
+    later = world.tick(new_instance_sensor)
+    assert [config_of(r)["instance_ids"] for r in later.run_requests] == [["normal"]]
+    (run,) = world.launch(later)
+    assert run.success and world.state("normal") == ("team", 20000)
+
+
+def test_a_90_minute_billing_outage_gives_up_no_webhook_row(world):
+    """Billing answers 500 for 90 minutes: the row waits, keeps its budget, settles once billing is back."""
+    world.sim.add_fault("error", endpoint="one", count=None)
+    world.land("evt_outage", "abc123")
+    t0 = 2_100_000_000.0
+    launched = 0
+    for minute in range(0, 91, 1):
+        result = world.tick(billing_webhook_sensor, now=t0 + minute * 60)
+        launched += len(world.launch(result))
+        row = world.row("evt_outage")
+        assert row["outcome"] in (None, "waiting") and row["attempts"] == 0  # never "failed"
+    assert launched > realtime.MAX_ATTEMPTS  # far more tries than the budget, none of them counted
+    world.sim.clear_faults()
+    back = t0 + 91 * 60
+    for second in (0, 30, 60):
+        world.launch(world.tick(billing_webhook_sensor, now=back + second))
+    row = world.row("evt_outage")
+    assert row["outcome"] == "corrected" and row["processed_at"] is not None and row["attempts"] == 1
+    assert world.state("abc123") == ("pro", 5000)
+
+
+def test_a_row_a_receiver_holds_is_not_handed_out_by_the_sensor(world):
+    landed = appdb.land_webhook_event(
+        world.engine, event_id="evt_held", event_type="x", instance_id="abc123", payload=None,
+        lease_owner="receiver-1", lease_seconds=300,
+    )
+    assert landed.inserted and landed.leased
+    assert not world.tick(billing_webhook_sensor).run_requests  # the receiver is syncing it
+    appdb.mark_webhook_events(world.engine, {landed.id: "error"}, processed=False)  # its sync failed: released
+    (request,) = world.tick(billing_webhook_sensor, now=time.time() + 120).run_requests
+    assert config_of(request)["webhook_event_ids"] == [landed.id]

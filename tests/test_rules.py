@@ -195,7 +195,10 @@ def test_absence_uses_the_fetch_start_as_basis():
         (11, 100, 0.10, False, True),
         (11, 100, 0.10, True, False),
         (11, 100, 0.20, False, False),
-        (1, 1, 0.10, False, True),
+        (1, 1, 0.10, False, False),  # the floor of 10: a tiny app's single change is allowed
+        (10, 10, 0.10, False, False),
+        (11, 11, 0.10, False, True),
+        (150, 1000, 0.10, False, True),
     ],
 )
 def test_max_change_ratio(n_wrong, total, ratio, force, refused):
@@ -205,7 +208,65 @@ def test_max_change_ratio(n_wrong, total, ratio, force, refused):
     assert (d.refusal is not None) is refused
     assert len(d.corrections) == n_wrong  # planned either way; the service decides to apply
     if refused:
-        assert "max_change_ratio" in d.refusal
+        assert "max_change_ratio" in d.refusal and d.guard.rule == "mass_change"
+        assert f"would change {n_wrong} of {total} instances" in d.refusal
+
+
+def test_a_small_app_can_apply_one_cancellation_without_force():
+    """Five instances, one cancellation: max(10, 10 % of 5) = 10 allows it (0.5 refused it before)."""
+    rows = [("a", "pro", 5000)] + [(f"f{n}", "free", 100) for n in range(4)]
+    recs = [rec("a", "pro", "expired", period_end="2026-01-01T00:00:00Z")]
+    d = run(rows, recs, guard=Guardrails())
+    assert d.refusal is None
+    assert d.corrections[["instance_id", "new_plan_id"]].values.tolist() == [["a", "free"]]
+    assert (d.guard.changes, d.guard.change_limit, d.guard.paid_to_free, d.guard.paid_limit) == (1, 10, 1, 10)
+
+
+def _freemium(paid: int, free: int, billing_keeps: int) -> tuple[list[tuple], list[dict]]:
+    """A freemium app; billing's list lost every paid instance's record but ``billing_keeps``."""
+    rows = [(f"p{n:03d}", "pro", 5000) for n in range(paid)] + [(f"f{n:04d}", "free", 100) for n in range(free)]
+    recs = [rec(f"p{n:03d}", "pro") for n in range(billing_keeps)]
+    return rows, recs
+
+
+def test_a_truncated_list_in_a_freemium_app_is_refused_by_the_paid_downgrade_guard():
+    """6 % paid: one record left would downgrade 59 of 60 payers and stay under the 10 % mass rule."""
+    rows, recs = _freemium(paid=60, free=940, billing_keeps=1)
+    d = run(rows, recs, guard=Guardrails())
+    assert len(d.corrections) == 59 and d.guard.changes <= d.guard.change_limit  # 59 <= 100: the first rule passes
+    assert d.refusal is not None and d.guard.rule == "paid_downgrade"
+    assert "would move 59 of 60 paid instance(s)" in d.refusal and "limit of 10" in d.refusal
+    assert (d.guard.paid_to_free, d.guard.paid_instances, d.guard.paid_limit) == (59, 60, 10)
+    forced = run(rows, recs, guard=Guardrails(force=True))
+    assert forced.refusal is None and len(forced.corrections) == 59
+
+
+@pytest.mark.parametrize(
+    "paid, ratio, downgraded, refused",
+    [
+        (60, 0.10, 10, False),  # max(10, 6) = 10: exactly the limit
+        (60, 0.10, 11, True),
+        (300, 0.10, 30, False),  # 10 % of 300 = 30
+        (300, 0.10, 31, True),
+        (300, 0.50, 150, False),
+        (5, 0.10, 4, False),  # the floor: with fewer than 10 payers, 4 of 5 may cancel
+    ],
+)
+def test_max_paid_downgrade_ratio(paid, ratio, downgraded, refused):
+    rows, recs = _freemium(paid=paid, free=5000, billing_keeps=paid - downgraded)
+    d = run(rows, recs, guard=Guardrails(max_change_ratio=1.0, max_paid_downgrade_ratio=ratio))
+    assert d.guard.paid_to_free == downgraded
+    assert (d.refusal is not None) is refused
+    if refused:
+        assert d.guard.rule == "paid_downgrade" and "max_paid_downgrade_ratio" in d.refusal
+
+
+def test_the_paid_guard_counts_only_paid_to_free_moves():
+    # 40 free instances upgraded and 40 payers moving between paid plans: no paid -> free move.
+    rows = [(f"f{n}", "free", 100) for n in range(40)] + [(f"p{n}", "pro", 5000) for n in range(40)]
+    recs = [rec(f"f{n}", "pro") for n in range(40)] + [rec(f"p{n}", "team") for n in range(40)]
+    d = run(rows, recs, guard=Guardrails(max_change_ratio=1.0))
+    assert d.refusal is None and d.guard.paid_to_free == 0 and len(d.corrections) == 80
 
 
 def test_targeted_scope_is_not_ratio_guarded():

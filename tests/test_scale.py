@@ -229,8 +229,8 @@ def test_read_instances_keeps_every_id_and_null_verbatim(engine: Engine, monkeyp
             else:
                 assert r.updated_at == pd.Timestamp(w["updated_at"])
     # Named ids, in many small chunks (both the COPY and the bound-parameter paths).
-    monkeypatch.setattr(appdb, "COPY_READ_CHUNK_SIZE", 4)
-    monkeypatch.setattr(appdb, "READ_CHUNK_SIZE", 4)
+    monkeypatch.setattr(appdb.limits, "COPY_READ_CHUNK_SIZE", 4)
+    monkeypatch.setattr(appdb.limits, "READ_CHUNK_SIZE", 4)
     named = appdb.read_instances(engine, AWKWARD_IDS[::2] + ["missing", "\\N "], ordered=False)
     assert sorted(named["instance_id"]) == sorted(AWKWARD_IDS[::2])
     assert appdb.read_instances(engine, []).empty
@@ -258,7 +258,7 @@ def test_bulk_load_carries_awkward_text_and_nulls_into_the_audit(engine: Engine,
         }
     )
     corrections["basis_at"] = corrections["basis_at"].dt.tz_convert("Asia/Kolkata")
-    monkeypatch.setattr(appdb, "APPLY_BATCH_SIZE", 5)  # several batches, one transaction
+    monkeypatch.setattr(appdb.limits, "APPLY_BATCH_SIZE", 5)  # several batches, one transaction
     now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
     result = appdb.apply_corrections(engine, corrections, run_id="awkward", trigger="manual", now=now)
     assert list(result.applied["instance_id"]) == AWKWARD_IDS and result.skipped.empty

@@ -383,19 +383,21 @@ def test_webhook_without_instance_is_landed(client, db_url):
 
 
 def webhook_rejections():
+    """(body, headers factory, status, code): signatures are made when the test runs, so a
+    long suite never turns a 'wrong secret' case into a stale one."""
     body = b'{"event_id": "evt_bad", "type": "subscription.updated", "instance_id": "abc123"}'
-    now = int(time.time())
     return [
-        pytest.param(body, {}, 401, "invalid_signature", id="no-signature"),
-        pytest.param(body, {SIGNATURE_HEADER: "t=1,v1=abc"}, 401, "invalid_signature", id="garbled"),
-        pytest.param(body, {SIGNATURE_HEADER: sign_webhook("other", body)}, 401, "invalid_signature", id="wrong-secret"),
-        pytest.param(body + b" ", {SIGNATURE_HEADER: sign_webhook(WEBHOOK_SECRET, body)}, 401, "invalid_signature",
-                     id="body-changed"),
-        pytest.param(body, {SIGNATURE_HEADER: sign_webhook(WEBHOOK_SECRET, body, now - 3600)}, 401, "stale_signature",
-                     id="stale"),
-        pytest.param(b'{"type": "x"}', {SIGNATURE_HEADER: sign_webhook(WEBHOOK_SECRET, b'{"type": "x"}')}, 400,
+        pytest.param(body, lambda: {}, 401, "invalid_signature", id="no-signature"),
+        pytest.param(body, lambda: {SIGNATURE_HEADER: "t=1,v1=abc"}, 401, "invalid_signature", id="garbled"),
+        pytest.param(body, lambda: {SIGNATURE_HEADER: sign_webhook("other", body)}, 401, "invalid_signature",
+                     id="wrong-secret"),
+        pytest.param(body + b" ", lambda: {SIGNATURE_HEADER: sign_webhook(WEBHOOK_SECRET, body)}, 401,
+                     "invalid_signature", id="body-changed"),
+        pytest.param(body, lambda: {SIGNATURE_HEADER: sign_webhook(WEBHOOK_SECRET, body, int(time.time()) - 3600)},
+                     401, "stale_signature", id="stale"),
+        pytest.param(b'{"type": "x"}', lambda: {SIGNATURE_HEADER: sign_webhook(WEBHOOK_SECRET, b'{"type": "x"}')}, 400,
                      "invalid_event", id="no-event-id"),
-        pytest.param(b"x" * 300_000, {SIGNATURE_HEADER: sign_webhook(WEBHOOK_SECRET, b"x" * 300_000)}, 413,
+        pytest.param(b"x" * 300_000, lambda: {SIGNATURE_HEADER: sign_webhook(WEBHOOK_SECRET, b"x" * 300_000)}, 413,
                      "payload_too_large", id="too-large"),
     ]
 
@@ -404,7 +406,7 @@ def webhook_rejections():
 def test_webhook_rejections_land_nothing(client, db_url, body, headers, status, code, caplog):
     caplog.set_level(logging.DEBUG)
     before = dump_tables(db_url)
-    response = client.post(WEBHOOK, content=body, headers=headers)
+    response = client.post(WEBHOOK, content=body, headers=headers())
     assert response.status_code == status
     assert response.json()["error"] == code
     assert dump_tables(db_url) == before

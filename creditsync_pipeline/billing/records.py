@@ -15,13 +15,14 @@ once, repeated timestamps parsed once).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from ..ids import MAX_INSTANCE_ID_LENGTH, instance_id_problem, lookalike_mask, lookalike_problem, unusable_problem
 
 __all__ = [
     "INVALID_COLUMNS",
@@ -43,10 +44,8 @@ __all__ = [
 RECORD_COLUMNS = ["instance_id", "plan_id", "status", "current_period_end", "updated_at", "observed_at"]
 INVALID_COLUMNS = ["instance_id", "reason"]
 STATUSES = ("active", "trialing", "past_due", "canceled", "expired")
-MAX_INSTANCE_ID_LENGTH = 256
 _STATUS_SET = frozenset(STATUSES)
 _TS_DTYPE = "datetime64[ns, UTC]"
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _TS_MIN = pd.Timestamp.min.tz_localize("UTC").ceil("us")
 _TS_MAX = pd.Timestamp.max.tz_localize("UTC").floor("us")
 _TS_MIN_PY = _TS_MIN.to_pydatetime()
@@ -92,21 +91,6 @@ def concat_frames(frames: list[pd.DataFrame], empty: Callable[[], pd.DataFrame])
 def short_repr(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def instance_id_problem(value: Any) -> str | None:
-    """Why ``value`` is not a usable instance id (None when it is)."""
-    if value is None:
-        return "missing instance_id"
-    if not isinstance(value, str):
-        return f"instance_id is not a string ({type(value).__name__})"
-    if not value:
-        return "empty instance_id"
-    if len(value) > MAX_INSTANCE_ID_LENGTH:
-        return f"instance_id longer than {MAX_INSTANCE_ID_LENGTH} characters"
-    if _CONTROL_RE.search(value):
-        return f"instance_id contains control characters: {short_repr(value)}"
-    return None
 
 
 def _parse_timestamps(values: list[Any]) -> tuple[pd.Series, np.ndarray, np.ndarray, np.ndarray]:
@@ -249,7 +233,11 @@ def _bad_strings(values: list[Any], allowed: frozenset[str] | None = None) -> np
 
 
 def record_ids(data: Sequence[Any]) -> list[str]:
-    """The ``instance_id`` of every record; ``BadRecord`` when one is not usable."""
+    """The ``instance_id`` of every record; ``BadRecord`` when one cannot be an id at all.
+
+    A look-alike id (whitespace at an end, not NFC, control/format characters) is usable
+    here: :func:`validate_fields` makes its record an ``invalid_record``.
+    """
     if set(map(type, data)) - {dict}:
         i, record = next((i, r) for i, r in enumerate(data) if type(r) is not dict)
         raise BadRecord(f"record #{i + 1} is not a JSON object ({type(record).__name__})")
@@ -259,10 +247,9 @@ def record_ids(data: Sequence[Any]) -> list[str]:
         set(map(type, ids)) == {str}
         and 0 < min(map(len, ids))
         and max(map(len, ids)) <= MAX_INSTANCE_ID_LENGTH
-        and not _CONTROL_RE.search("".join(ids))
     ):
         for i, value in enumerate(ids):
-            problem = instance_id_problem(value)
+            problem = unusable_problem(value)
             if problem is not None:
                 raise BadRecord(f"record #{i + 1}: {problem}")
     return ids
@@ -311,10 +298,13 @@ def validate_fields(
     if pe_oob.any():
         period = period.mask(pe_oob < 0, _TS_MIN).mask(pe_oob > 0, _TS_MAX)
 
-    invalid_mask = plan_bad | status_bad | up_null | up_bad | (up_oob != 0) | pe_bad
+    id_bad = lookalike_mask(ids)
+    invalid_mask = id_bad | plan_bad | status_bad | up_null | up_bad | (up_oob != 0) | pe_bad
     invalid_rows: list[tuple[str, str]] = []
     for i in np.flatnonzero(invalid_mask):
         reasons: list[str] = []
+        if id_bad[i]:
+            reasons.append(str(lookalike_problem(ids[i])))
         if plan_bad[i]:
             p = plans[i]
             reasons.append(

@@ -5,13 +5,14 @@ same stages in one call. The values pass between assets through the IO
 manager, so every materialization keeps its full mismatch list.
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
 from dagster import AssetExecutionContext, Config, Failure, MetadataValue, TableColumn, TableRecord, TableSchema, asset
 from pydantic import Field
 
-from .. import sync
+from .. import reports, settings, sync
 from ..billing import BillingSnapshot
 from ..rules import KINDS, Decision
 from .resources import AppDatabaseResource, BillingResource
@@ -25,8 +26,13 @@ TRIGGER_TAG = "creditsync/trigger"
 class MismatchConfig(Config):
     """How the diff is judged."""
 
-    force: bool = Field(default=False, description="Override the guard rails (mass change, empty billing list)")
-    max_change_ratio: float = Field(default=0.10, description="Refuse a run that changes more than this share of instances")
+    force: bool = Field(default=False, description="Override the guard rails (mass change, paid downgrade, empty billing list)")
+    max_change_ratio: float = Field(
+        default=0.10, description="Refuse a run that changes more than max(10, this share of all instances)"
+    )
+    max_paid_downgrade_ratio: float = Field(
+        default=0.10, description="Refuse a run that moves more than max(10, this share of the paid instances) to the free plan"
+    )
 
 
 class CorrectionConfig(Config):
@@ -108,11 +114,13 @@ def mismatch_table(mismatches: pd.DataFrame, limit: int = TABLE_ROWS) -> Metadat
 
 
 def _write_report_csv(context: AssetExecutionContext, mismatches: pd.DataFrame) -> Path:
+    """The full mismatch list as a spreadsheet-safe CSV; reports past the retention are pruned."""
     folder = Path(context.instance.storage_directory()) / "creditsync_reports"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"credit_mismatches-{context.run.run_id}.csv"
-    mismatches.to_csv(path, index=False)
-    return path
+    retention = timedelta(days=settings.from_env().report_retention_days)
+    removed = reports.prune(folder, retention, pattern="credit_mismatches-*.csv")
+    if removed:
+        context.log.info(f"[CreditSync] Pruned {len(removed)} mismatch report(s) older than {retention.days} day(s)")
+    return reports.write_csv(mismatches, folder / f"credit_mismatches-{context.run.run_id}.csv")
 
 
 @asset(group_name=GROUP, kinds={"pandas"}, description="Every instance whose plan or allowance differs from billing, by kind, and the guard-rail verdict.")
@@ -122,7 +130,11 @@ def credit_mismatches(
     billing_subscriptions: BillingSnapshot,
     instance_credits: sync.AppState,
 ) -> Decision:
-    options = sync.SyncOptions(force=config.force, max_change_ratio=config.max_change_ratio)
+    options = sync.SyncOptions(
+        force=config.force,
+        max_change_ratio=config.max_change_ratio,
+        max_paid_downgrade_ratio=config.max_paid_downgrade_ratio,
+    )
     with sync.reporting_errors(context.log):
         decision = sync.decide(billing_subscriptions, instance_credits, options=options)
     path = _write_report_csv(context, decision.mismatches)

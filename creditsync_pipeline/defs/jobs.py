@@ -20,6 +20,8 @@ from .resources import AppDatabaseResource, BillingResource
 
 #: Tag every creditsync run carries; dagster.yaml limits concurrent runs on it.
 SYNC_TAG = "creditsync/sync"
+#: Tag a targeted run sets on itself when it failed for an outage of billing or the database.
+OUTAGE_TAG = "creditsync/outage"
 
 # In-process: four small steps; a process per step would cost more than the work.
 credit_sync_job = define_asset_job(
@@ -91,6 +93,11 @@ def sync_instances_op(
     if result.failed:
         summary = result.failure_summary()
         context.log.error("[CreditSync] Error running credit sync task: %s", summary)
+        errors = result.instances.errors
+        if errors and set(errors) <= result.instances.outage and not result.invalid_ids:
+            # Billing or the database was down as a whole: the sensors retry this batch
+            # without counting the attempt (SPEC: an outage never uses up a retry budget).
+            context.instance.add_run_tags(context.run.run_id, {OUTAGE_TAG: "true"})
         raise Failure(description=f"[CreditSync] {summary}", metadata=metadata)
     return Output(
         {"outcomes": dict(result.instances.outcomes), "webhook_rows": {str(k): v for k, v in result.rows.items()}},

@@ -94,9 +94,9 @@ from dagster import (
 from sqlalchemy.engine import Engine
 
 from .. import appdb, realtime
-from ..billing import instance_id_problem
+from ..ids import instance_id_problem, log_safe
 from .assets import TRIGGER_TAG
-from .jobs import SYNC_TAG, instance_credit_sync_job
+from .jobs import OUTAGE_TAG, SYNC_TAG, instance_credit_sync_job
 from .resources import AlertWebhookResource, AppDatabaseResource
 
 logger = logging.getLogger("creditsync")
@@ -113,6 +113,12 @@ LOST_RUN_SECONDS = 300.0
 NEW_INSTANCE_LOOKBACK = timedelta(minutes=10)
 #: Lower bound of the evaluation interval (the daemon's sensor loop runs every ~5 s).
 MIN_INTERVAL_SECONDS = 1
+#: Retries of work that failed for an outage come at least this often, so rows settle
+#: within a minute of billing (or the database) coming back.
+OUTAGE_RETRY_SECONDS = 60.0
+#: How far ahead of the database's clock a created_at may move the provisioning watermark.
+FUTURE_ALLOWANCE = timedelta(seconds=60)
+
 
 OP_NAME = "sync_instances"
 _FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
@@ -239,13 +245,19 @@ def _parse_time(text: str) -> datetime:
 # ---------------------------------------------------------------------- shared bits
 
 
-def _batch_done(context: SensorEvaluationContext, key: str, batch: Batch, now: float) -> DagsterRunStatus | None:
-    """The final status of a batch's run, ``FAILURE`` for a lost run, ``None`` while in flight."""
+def _batch_run(context: SensorEvaluationContext, key: str, batch: Batch, now: float) -> tuple[DagsterRunStatus | None, bool]:
+    """(the final status of a batch's run -- ``FAILURE`` for a lost run, ``None`` while in
+    flight --, whether it failed for an outage of billing or the database as a whole)."""
     runs = context.instance.get_runs(filters=RunsFilter(tags={BATCH_TAG: key}), limit=1)
     if not runs:
-        return DagsterRunStatus.FAILURE if now - batch.at > LOST_RUN_SECONDS else None
+        return (DagsterRunStatus.FAILURE if now - batch.at > LOST_RUN_SECONDS else None), False
     status = runs[0].status
-    return status if status in _FINISHED else None
+    return (status if status in _FINISHED else None), runs[0].tags.get(OUTAGE_TAG) == "true"
+
+
+def _batch_done(context: SensorEvaluationContext, key: str, batch: Batch, now: float) -> DagsterRunStatus | None:
+    """The final status of a batch's run, ``FAILURE`` for a lost run, ``None`` while in flight."""
+    return _batch_run(context, key, batch, now)[0]
 
 
 def _run_request(key: str, trigger: str, instance_ids: list[str], webhook_event_ids: list[int] | None = None) -> RunRequest:
@@ -257,6 +269,11 @@ def _run_request(key: str, trigger: str, instance_ids: list[str], webhook_event_
         run_config={"ops": {OP_NAME: {"config": config}}},
         tags={TRIGGER_TAG: trigger, SYNC_TAG: "targeted", BATCH_TAG: key},
     )
+
+
+def _held(row: appdb.WebhookEvent, db_now: datetime) -> bool:
+    """Another process (a receiver, a run) holds the row's lease right now."""
+    return row.claimed_by is not None and row.claimed_until is not None and row.claimed_until > db_now
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
@@ -282,14 +299,17 @@ def evaluate_webhook_sensor(context: SensorEvaluationContext, engine: Engine, *,
         for row in appdb.webhook_events_by_id(engine, finished):
             if row.processed_at is not None:
                 continue
-            # attempts counts the runs that claimed the row; dispatches also count runs
-            # that failed before claiming (bad config): both bound the retries.
-            tries = max(row.attempts, finished[row.id])
-            if tries >= realtime.MAX_ATTEMPTS:
+            # attempts counts the failures that were this row's own (an outage of billing
+            # or the database gives its attempt back): only they use up the retry budget.
+            # Dispatches (runs that failed before claiming, outages) only space the retries.
+            if row.attempts >= realtime.MAX_ATTEMPTS:
                 if row.outcome != realtime.FAILED:
                     gave_up[row.id] = realtime.FAILED
-            else:
-                state.wait[row.id] = [now + realtime.retry_delay(tries), finished[row.id]]
+                continue
+            delay = realtime.retry_delay(max(row.attempts, finished[row.id]))
+            if row.outcome == realtime.WAITING or row.attempts < finished[row.id]:
+                delay = min(delay, OUTAGE_RETRY_SECONDS)  # settle soon after billing is back
+            state.wait[row.id] = [now + delay, finished[row.id]]
         if gave_up:
             appdb.mark_webhook_events(engine, gave_up, processed=False)
             context.log.error(
@@ -300,6 +320,7 @@ def evaluate_webhook_sensor(context: SensorEvaluationContext, engine: Engine, *,
     slots = MAX_INFLIGHT_BATCHES - len(state.inflight)
     requests: list[RunRequest] = []
     junk: dict[int, str] = {}
+    db_now = appdb.database_now(engine)
     if slots > 0:
         budget = slots * BATCH_SIZE
         candidates: list[appdb.WebhookEvent] = []
@@ -308,7 +329,7 @@ def evaluate_webhook_sensor(context: SensorEvaluationContext, engine: Engine, *,
             limit = len(inflight_ids) + len(state.wait) + budget
             older = appdb.unprocessed_webhook_events(
                 engine, upto_id=state.hw, max_attempts=realtime.MAX_ATTEMPTS,
-                skip_outcomes=(realtime.FAILED,), limit=limit,
+                skip_outcomes=(realtime.FAILED,), limit=limit, now=db_now,
             )
             if len(older) < limit:  # complete: forget waits of rows settled or given up meanwhile
                 pending = {row.id for row in older}
@@ -324,7 +345,9 @@ def evaluate_webhook_sensor(context: SensorEvaluationContext, engine: Engine, *,
             fresh = appdb.unprocessed_webhook_events(engine, after_id=state.hw, limit=room)
             if fresh:
                 state.hw = fresh[-1].id
-            candidates.extend(fresh)
+            # A row a receiver holds (it is syncing it right now) is not handed out; once
+            # settled it is processed, and if its sync failed the older-rows pass retries it.
+            candidates.extend(row for row in fresh if not _held(row, db_now))
 
         good: list[tuple[int, str]] = []
         prior: dict[int, int] = {}
@@ -387,11 +410,15 @@ def evaluate_new_instance_sensor(
     state = NewInstanceCursor.load(context.cursor, context.log)
 
     for key, batch in list(state.inflight.items()):
-        status = _batch_done(context, key, batch, now)
+        status, outage = _batch_run(context, key, batch, now)
         if status is None:
             continue
         del state.inflight[key]
         if status == DagsterRunStatus.SUCCESS:
+            continue
+        if outage:  # billing or the database was down: the batch waits, its attempt given back
+            state.retry.append({"ids": batch.ids, "attempt": batch.attempt,
+                                "not_before": now + min(OUTAGE_RETRY_SECONDS, realtime.retry_delay(batch.attempt))})
             continue
         if batch.attempt >= realtime.MAX_ATTEMPTS:
             context.log.error(
@@ -429,8 +456,18 @@ def evaluate_new_instance_sensor(
         rows = appdb.instances_created_since(engine, since, limit=len(state.seen) + room)
         fresh = [(iid, created) for iid, created in rows if iid not in state.seen][:room]
         take: list[str] = []
+        # A created_at ahead of the database's clock (an app server with a fast clock) must not
+        # move the watermark past it: later instances would never be seen.
+        ceiling = appdb.database_now(engine) + FUTURE_ALLOWANCE if fresh else None
         for iid, created in fresh:
             state.seen[iid] = created.isoformat()
+            if ceiling is not None and created > ceiling:
+                context.log.warning(
+                    f"[CreditSync] new_instance_sensor: instance {log_safe(iid, 80)} has created_at "
+                    f"{created.isoformat()}, ahead of the database clock; the watermark stops at "
+                    f"{ceiling.isoformat()} (check that app server's clock)"
+                )
+                created = ceiling
             if wm is None or created > wm:
                 wm = created
             if instance_id_problem(iid) is not None:

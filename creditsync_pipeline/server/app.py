@@ -121,6 +121,27 @@ class _Service:
             {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)},
         )
 
+    @staticmethod
+    def _unresolved(status: str, instance_id: str) -> _Outcome:
+        """Billing could not answer for this instance: nothing changed, say why in words."""
+        if status == "unavailable":
+            return _Outcome(
+                503,
+                {"error": "billing_unavailable", "message": "the billing API is unavailable; nothing changed, try again later"},
+                {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)},
+            )
+        if status == "error":
+            return _Outcome(
+                502, {"error": "billing_error", "message": "the billing API answered something unusable; nothing changed"}
+            )
+        # removed / unlinked: billing does not know this instance (yet); it is never downgraded for that
+        return _Outcome(200, {
+            "instance_id": instance_id,
+            "changed": False,
+            "outcome": "not_found_in_billing",
+            "message": "billing does not know this instance yet; nothing changed, try again in a minute",
+        })
+
     def sync_instance(self, instance_id: str) -> _Outcome:
         """Run the targeted sync of one instance and render the answer."""
         try:
@@ -141,7 +162,7 @@ class _Service:
                 [instance_id],
                 trigger="manual",
                 run_id=sync.new_run_id(),
-                options=sync.SyncOptions(max_change_ratio=self.cfg.max_change_ratio),
+                options=sync.SyncOptions.from_settings(self.cfg),
                 log=sync_logger,
             )
         except BillingUnavailableError:
@@ -169,6 +190,9 @@ class _Service:
             return _Outcome(503, {"error": "sync_refused", "message": "a guard rail refused the sync; nothing changed"})
         if instance_id in report.unknown_instance_ids:
             return self._unknown(instance_id)
+        unresolved = report.unresolved[report.unresolved["instance_id"] == instance_id]
+        if len(unresolved):
+            return self._unresolved(str(unresolved.iloc[0]["status"]), instance_id)
         body: dict[str, Any] = {"instance_id": instance_id, "run_id": report.run_id}
         applied = report.applied[report.applied["instance_id"] == instance_id]
         if len(applied):
@@ -179,8 +203,13 @@ class _Service:
                 old={"plan_id": _plain(row["old_plan_id"]), "credits_total": _plain(row["old_credits_total"])},
                 new={"plan_id": _plain(row["new_plan_id"]), "credits_total": _plain(row["new_credits_total"])},
             )
+            if report.warnings:
+                body["warnings"] = list(report.warnings)
             return _Outcome(200, body)
-        current = self._current(instance_id)
+        try:
+            current = self._current(instance_id)
+        except appdb.AppDatabaseError:  # nothing was applied: "nothing changed" holds
+            return self._database_unavailable()
         if current is None:  # deleted while we synced
             return self._unknown(instance_id)
         mine = report.mismatches[report.mismatches["instance_id"] == instance_id]
@@ -195,7 +224,7 @@ class _Service:
         body.update(changed=False, outcome=outcome, old=dict(current), new=dict(current))
         return _Outcome(200, body)
 
-    def land(self, event: webhooks.WebhookEvent) -> bool:
+    def land(self, event: webhooks.WebhookEvent) -> appdb.LandedEvent:
         return appdb.land_webhook_event(
             self.engine,
             event_id=event.event_id,
@@ -329,7 +358,7 @@ def create_app(
             logger.warning("[CreditSync] Webhook refused: %s (%s)", exc.code, exc.message)
             return _error(exc.status, exc.code, exc.message)
         try:
-            inserted = await run_in_threadpool(service.land, event)
+            inserted = (await run_in_threadpool(service.land, event)).inserted
         except appdb.AppDatabaseError as exc:
             logger.error("[CreditSync] Webhook %s not landed: %s", event.event_id, sync.one_line(exc))
             return _error(503, "database_unavailable", "the event was not stored; retry later",

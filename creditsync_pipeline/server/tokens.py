@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ..billing import instance_id_problem
+from ..ids import instance_id_problem
 
 __all__ = [
     "MAX_AGE",

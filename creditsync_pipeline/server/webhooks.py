@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..billing import instance_id_problem
+from ..ids import instance_id_problem
 
 __all__ = [
     "MAX_EVENT_BYTES",

@@ -85,6 +85,9 @@ class BillingSimulator(Simulator):
     ) -> None:
         super().__init__(host=host, port=port)
         self._token = token
+        #: the 404 body for an instance without a record: the contract's, or (tests) what a
+        #: framework or gateway in front of a billing API answers ({"detail": "Not Found"})
+        self.not_found_body: dict[str, Any] = {"error": "subscription_not_found"}
         self._records: dict[str, Any] = {}
         self._ids: list[str] = []
         self._synthetic = itertools.count(1)
@@ -152,7 +155,7 @@ class BillingSimulator(Simulator):
             return
         record = self._get(instance_id)
         if record is MISSING:
-            handler.error(404, "subscription_not_found")
+            handler.json(404, self.not_found_body)
         else:
             handler.json(200, record)
 

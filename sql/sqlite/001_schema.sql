@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE INDEX IF NOT EXISTS ix_instances_created_at
     ON instances (created_at);
 
+-- Later columns (claimed_by, claimed_until) are added by 002_webhook_leases.sql.
 CREATE TABLE IF NOT EXISTS billing_webhook_events (
     id            INTEGER   PRIMARY KEY AUTOINCREMENT,
     event_id      TEXT      NOT NULL UNIQUE,
