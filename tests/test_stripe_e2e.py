@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 import pytest
+import sqlalchemy as sa
 
 from creditsync_pipeline import appdb
 from creditsync_pipeline.demo import CREDITS
@@ -23,7 +24,6 @@ pytestmark = pytest.mark.slow
 KEY = "sk_test_E2E_SECRET_93ab41c0d7e2f6"
 EXPECTED_COUNTS = {"wrong_plan": 12, "wrong_credits": 3, "unknown_plan": 1, "missing_instance": 1, "invalid_record": 0}
 OTHER_PRODUCTS = 150  # subscriptions of the account's other products: no instance, 3 pages in all
-HAS_LINK_STORE = hasattr(appdb, "remember_customer_links")
 
 
 @pytest.fixture
@@ -58,6 +58,24 @@ def cli(db_url: str, sim: StripeSimulator, *args: str, **env: str) -> tuple[int,
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def app_tables(db_url: str) -> dict[str, list[tuple]]:
+    """Every table but the remembered customer links (a cache of what Stripe says, refreshed
+    by every complete list, check included)."""
+    return {name: rows for name, rows in dump_tables(db_url).items() if name != "billing_customer_links"}
+
+
+def remembered(db_url: str) -> dict[str, str]:
+    """The instance -> customer links the app database remembers for Stripe."""
+    engine = appdb.create_engine_from_url(db_url)
+    try:
+        table = appdb.metadata.tables["billing_customer_links"]
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(table.c.instance_id, table.c.customer_id).where(table.c.provider == "stripe"))
+            return {r.instance_id: r.customer_id for r in rows}
+    finally:
+        engine.dispose()
+
+
 def error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("creditsync:")]
     assert len(lines) == 1, err
@@ -65,13 +83,19 @@ def error_line(err: str) -> str:
 
 
 def test_check_then_fix_reaches_the_exact_end_state_and_converges(world, db_url, sim) -> None:
-    before_tables = dump_tables(db_url)
+    before_tables = app_tables(db_url)
     code, out, err = cli(db_url, sim, "check", "--json")
     assert code == 1, err
     doc = json.loads(out)
     assert doc["counts"] == EXPECTED_COUNTS
     assert (doc["provider"], doc["unassigned_records"], doc["unresolved"]) == ("stripe", OTHER_PRODUCTS, {})
-    assert dump_tables(db_url) == before_tables
+    assert app_tables(db_url) == before_tables
+    customers = sim.customers()  # every instance's customer is remembered, for targeted runs
+    expected_links = {
+        sub.metadata.get("instance_id") or customers[sub.customer].metadata["instance_id"]: sub.customer
+        for sub in sim.subscriptions().values() if not sub.id.startswith("sub_shop")
+    }
+    assert remembered(db_url) == expected_links and len(expected_links) == 76
 
     before = end_state(db_url)
     code, out, err = cli(db_url, sim, "fix", "--json")
@@ -188,7 +212,6 @@ def test_a_targeted_run_finds_an_unknown_customer_with_search(world, db_url, sim
     assert sim.request_count("search") >= 1
 
 
-@pytest.mark.skipif(not HAS_LINK_STORE, reason="the app database's customer-link store is not merged yet")
 def test_a_targeted_run_after_a_full_one_uses_the_remembered_link(world, db_url, sim) -> None:
     code, _, err = cli(db_url, sim, "check")
     assert code == 1, err
