@@ -142,9 +142,11 @@ def write_dagster_home(home: Path) -> None:
 
 
 #: the demo's billing providers (``creditsync demo --provider``)
-PROVIDERS = ("generic", "wix")
+PROVIDERS = ("generic", "wix", "stripe")
 DEMO_WIX_APP_ID = "demo-wix-app"
 DEMO_WIX_APP_SECRET = "demo-wix-app-secret"
+DEMO_STRIPE_KEY = "sk_test_demo_creditsync"
+DEMO_STRIPE_WEBHOOK_SECRET = "whsec_demo_creditsync"
 
 
 def billing_side(provider: str, data: DemoData, root: Path) -> tuple[list[str], dict[str, str]]:
@@ -169,6 +171,12 @@ def billing_side(provider: str, data: DemoData, root: Path) -> tuple[list[str], 
         return (["-m", "creditsync_pipeline.simulators.wix", "--instances", str(instances_file)],
                 {"BILLING_PROVIDER": "wix", "WIX_APP_ID": DEMO_WIX_APP_ID, "WIX_APP_SECRET": DEMO_WIX_APP_SECRET,
                  "WIX_WEBHOOK_PUBLIC_KEY": str(root / "wix_webhook_public_key.pem")})
+    if provider == "stripe":
+        records_file = root / "billing_records.json"
+        records_file.write_text(json.dumps(data.records, indent=1))
+        return (["-m", "creditsync_pipeline.simulators.stripe", "--records", str(records_file)],
+                {"BILLING_PROVIDER": "stripe", "STRIPE_API_KEY": DEMO_STRIPE_KEY,
+                 "STRIPE_WEBHOOK_SECRET": DEMO_STRIPE_WEBHOOK_SECRET})
     raise ValueError(f"unknown demo provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
 
 

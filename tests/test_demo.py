@@ -15,7 +15,7 @@ from .helpers import NOW, end_state
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("provider", ["generic", "wix"])
+@pytest.mark.parametrize("provider", ["generic", "wix", "stripe"])
 def test_demo_no_ui_runs_the_first_reconciliation(tmp_path, provider):
     env = dict(os.environ, CREDITSYNC_DEMO_DIR=str(tmp_path / "demo"))
     proc = subprocess.run(

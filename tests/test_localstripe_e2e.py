@@ -212,11 +212,17 @@ def test_a_targeted_run_without_search_leaves_an_unknown_instance_alone(world, d
     doc = json.loads(out)
     assert doc["unresolved"] == {"unlinked": 1} and doc["applied"] == 0
     assert dump_tables(db_url) == before
-    # A full run remembers every instance's customer; then the targeted run lists it by customer.
+    # A check writes nothing, not even the links: the instance is still unknown ...
     assert cli(db_url, localstripe_url, "check")[0] == 1
+    code, out, err = cli(db_url, localstripe_url, "fix", "--instance", "ls-canceled", "--dry-run", "--json")
+    assert json.loads(out)["unresolved"] == {"unlinked": 1}
+    # ... a real full run remembers every instance's customer; then a targeted run finds it by customer.
+    assert cli(db_url, localstripe_url, "fix")[0] == 0
+    assert end_state(db_url)["ls-canceled"][:2] == ("free", 100)
     code, out, err = cli(db_url, localstripe_url, "fix", "--instance", "ls-canceled", "--json")
     assert code == 0, err
-    assert json.loads(out)["applied"] == 1 and end_state(db_url)["ls-canceled"][:2] == ("free", 100)
+    doc = json.loads(out)
+    assert doc["unresolved"] == {} and doc["mismatch_count"] == 0
 
 
 class RewriteCursor(httpx.HTTPTransport):

@@ -218,3 +218,39 @@ def test_a_signed_wix_delivery_is_synced_at_once(world, db_url, wix_keys):
     assert (row["event_type"], row["instance_id"], row["outcome"]) == ("PaidPlanPurchased", "abc123", "corrected")
     assert end_state(db_url)["abc123"][:2] == ("pro", 5000)
     assert "wix-SECRET-recv-1" not in str(cfg) and private_key not in response.text
+
+
+# -- the Stripe receiver ------------------------------------------------------------------------------
+
+
+def test_a_signed_stripe_delivery_is_synced_at_once_and_its_link_remembered(world, db_url):
+    from creditsync_pipeline.server.stripe import sign_stripe_payload
+    from creditsync_pipeline.settings import StripeSettings
+    from creditsync_pipeline.simulators.stripe import StripeSimulator
+
+    data, _ = world
+    key, secret = "sk_test_SECRET_recv_41c0", "whsec_SECRET_recv_9e7a"
+    with StripeSimulator.from_records(data.records, api_key=key, metadata_on="subscription") as stripe:
+        (sub_id,) = [s.id for s in stripe.subscriptions().values() if s.metadata.get("instance_id") == "abc123"]
+        cfg = Settings(
+            database_url=db_url, billing_provider="stripe", app_secret=Secret(APP_SECRET), receiver_workers=1,
+            stripe=StripeSettings(api_key=Secret(key), api_base=stripe.base_url, webhook_secret=Secret(secret)),
+        )
+        body = stripe.event(sub_id, "customer.subscription.updated")
+        with TestClient(create_app(cfg)) as client:
+            response = client.post("/api/billing/webhook/stripe", content=body,
+                                   headers={"Stripe-Signature": sign_stripe_payload(secret, body)})
+            assert response.status_code == 200, response.text
+            wait_for(lambda: next(iter(rows(db_url).values()))["processed_at"] is not None)
+            stale = client.post("/api/billing/webhook/stripe", content=body,
+                                headers={"Stripe-Signature": sign_stripe_payload(secret, body, int(time.time()) - 900)})
+            assert stale.status_code == 401
+            assert key not in response.text + stale.text and secret not in response.text + stale.text
+    (row,) = rows(db_url).values()
+    assert (row["instance_id"], row["outcome"]) == ("abc123", "corrected")
+    assert end_state(db_url)["abc123"][:2] == ("pro", 5000)
+    engine = appdb.create_engine_from_url(db_url)
+    try:
+        assert set(appdb.customer_links_for(engine, "stripe", ["abc123"])) == {"abc123"}
+    finally:
+        engine.dispose()

@@ -35,7 +35,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.background import BackgroundTask
+from starlette.background import BackgroundTasks
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,6 +47,7 @@ from ..ids import log_safe
 from . import tokens, webhooks
 from .ratelimit import RateLimiter
 from .receiver import ReceiverSync
+from . import stripe as stripe_webhooks
 from .wix import WixWebhookVerifier
 
 __all__ = ["ServeError", "create_app", "serve"]
@@ -59,6 +60,7 @@ sync_logger = logging.getLogger("creditsync")
 SYNC_PATH = "/api/billing/sync-credits"
 WEBHOOK_PATH = "/api/billing/webhook"
 WIX_WEBHOOK_PATH = "/api/billing/webhook/wix"
+STRIPE_WEBHOOK_PATH = "/api/billing/webhook/stripe"
 HEALTH_PATH = "/healthz"
 
 #: the manual-sync rate limit window, seconds (the limit itself is a setting)
@@ -370,14 +372,19 @@ def create_app(
             return _error(400, "client_disconnected", "the request body was not received completely")
         return bytes(body)
 
-    async def receive(request: Request, provider: str, verify: Callable[[bytes, Any], webhooks.WebhookEvent]) -> Response:
+    async def receive(
+        request: Request,
+        provider: str,
+        verify: Callable[[bytes, Any], webhooks.WebhookEvent],
+        after: Callable[[webhooks.WebhookEvent], None] | None = None,
+    ) -> Response:
         """Every receiver: verify, land + commit (leased to this process when it has room),
-        answer 200, then sync the row in the background (:class:`ReceiverSync`)."""
+        answer 200, then (in the background) ``after`` and the row's sync (:class:`ReceiverSync`)."""
         raw = await read_body(request)
         if isinstance(raw, JSONResponse):
             return raw
         try:
-            event = verify(raw, request.headers)
+            event = await run_in_threadpool(verify, raw, request.headers)
         except webhooks.WebhookError as exc:
             logger.warning("[CreditSync] %s webhook refused: %s (%s)", provider, exc.code, exc.message)
             return _error(exc.status, exc.code, exc.message)
@@ -395,13 +402,15 @@ def create_app(
             log_safe(event.event_type), log_safe(event.instance_id or "-"), provider, log_safe(event.event_id),
             "" if landed.inserted else ", a redelivery",
         )
-        task = None
+        tasks = BackgroundTasks()  # run after the response has been sent
+        if after is not None:
+            tasks.add_task(run_in_threadpool, after, event)
         if reserved and landed.leased:
-            task = BackgroundTask(receiver.submit, landed.id)  # after the response has been sent
+            tasks.add_task(receiver.submit, landed.id)
         elif reserved:
             receiver.cancel()
         return JSONResponse(
-            {"received": True, "event_id": event.event_id, "duplicate": not landed.inserted}, background=task
+            {"received": True, "event_id": event.event_id, "duplicate": not landed.inserted}, background=tasks
         )
 
     def verify_generic(raw: bytes, headers: Any) -> webhooks.WebhookEvent:
@@ -412,6 +421,29 @@ def create_app(
         if not webhook_secret:
             return _error(503, "webhook_not_configured", "the webhook receiver is disabled: CREDITSYNC_WEBHOOK_SECRET is not set")
         return await receive(request, "generic", verify_generic)
+
+    stripe_secret = str(cfg.stripe.webhook_secret)
+    metadata_key = cfg.stripe.instance_metadata_key
+
+    def verify_stripe(raw: bytes, headers: Any) -> webhooks.WebhookEvent:
+        return stripe_webhooks.receive_stripe_webhook(
+            headers.get(stripe_webhooks.STRIPE_SIGNATURE_HEADER), raw, secret=stripe_secret, metadata_key=metadata_key,
+            instances_of_customer=lambda customer: appdb.instances_for_customers(engine, "stripe", [customer]).get(customer, []),
+            now=clock().timestamp(),
+        )
+
+    def remember_stripe_link(event: webhooks.WebhookEvent) -> None:
+        links = stripe_webhooks.customer_link(event, metadata_key)
+        if links:
+            try:
+                appdb.remember_customer_links(engine, "stripe", links)
+            except appdb.AppDatabaseError as exc:  # a cache: the next full sync learns it again
+                logger.warning("[CreditSync] Could not remember the Stripe customer link: %s", sync.one_line(exc))
+
+    async def stripe_webhook(request: Request) -> Response:
+        if not stripe_secret:
+            return _error(503, "webhook_not_configured", "the Stripe webhook receiver is disabled: STRIPE_WEBHOOK_SECRET is not set")
+        return await receive(request, "stripe", verify_stripe, remember_stripe_link)
 
     async def wix_webhook(request: Request) -> Response:
         if wix_verifier is None:
@@ -469,12 +501,16 @@ def create_app(
             for close in reversed(owned):
                 close()
 
-    receiver_paths = [p for p, on in ((WEBHOOK_PATH, webhook_secret), (WIX_WEBHOOK_PATH, wix_verifier)) if on]
+    receiver_paths = [
+        path for path, on in ((WEBHOOK_PATH, webhook_secret), (WIX_WEBHOOK_PATH, wix_verifier),
+                              (STRIPE_WEBHOOK_PATH, stripe_secret)) if on
+    ]
     app = Starlette(
         routes=[
             Route(SYNC_PATH, sync_credits, methods=["POST"]),
             Route(WEBHOOK_PATH, webhook, methods=["POST"]),
             Route(WIX_WEBHOOK_PATH, wix_webhook, methods=["POST"]),
+            Route(STRIPE_WEBHOOK_PATH, stripe_webhook, methods=["POST"]),
             Route(HEALTH_PATH, healthz, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
