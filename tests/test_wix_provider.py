@@ -289,7 +289,7 @@ def test_retry_after_is_honoured_per_worker(sim):
     sim.add_fault("rate_limit", endpoint="instance", after=4, count=1, retry_after=1.5)
     waits = []
     with make(sim, concurrency=4) as wix:
-        wix._sleep = waits.append
+        wix.api.sleep = waits.append
         snap = wix.fetch_all(IDS)
     assert waits == [1.5] and plans(snap) == PAID
 
@@ -298,7 +298,7 @@ def test_per_instance_rate_limit_gives_up_as_unavailable(sim):
     sim.set_rate_limit(2)  # two requests a minute per instance: a token and one instance call
     waits = []
     with make(sim, max_attempts=3) as wix:
-        wix._sleep = waits.append
+        wix.api.sleep = waits.append
         assert plans(wix.fetch_instances(["site-001"])) == {"site-001": "pro"}
         snap = wix.fetch_instances(["site-001", "site-002"])  # site-001's third request is over the limit
     assert unresolved(snap) == {"site-001": (UNAVAILABLE, unresolved(snap)["site-001"][1])}

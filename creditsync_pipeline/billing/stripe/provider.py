@@ -20,7 +20,7 @@ import pandas as pd
 from ...settings import DEFAULT_STRIPE_API_BASE, DEFAULT_STRIPE_METADATA_KEY, Settings
 from ..base import (
     UNLINKED,
-    BillingProvider,
+    HttpProvider,
     BillingSnapshot,
     Budget,
     CustomerLinks,
@@ -48,7 +48,7 @@ logger = logging.getLogger("creditsync.billing")
 
 _VALIDATE_BATCH = 20_000
 
-class StripeProvider(BillingProvider):
+class StripeProvider(HttpProvider):
     """Stripe's subscriptions as SPEC records (``BILLING_PROVIDER=stripe``)."""
 
     name = "stripe"
@@ -114,26 +114,11 @@ class StripeProvider(BillingProvider):
             metadata_key=cfg.stripe.instance_metadata_key,
             plan_map=cfg.plan_map,
             links=links,
-            timeout=budget.timeout,
-            max_attempts=budget.max_attempts,
-            backoff_max=budget.backoff_max,
-            max_retry_after=budget.max_retry_after,
+            **budget.http_options(),
         )
 
     def __repr__(self) -> str:
         return f"StripeProvider(base_url={self.base_url!r}, metadata_key={self._key!r})"
-
-    @property
-    def base_url(self) -> str:
-        return self._api.base_url
-
-    @property
-    def api(self) -> HttpApi:
-        """The HTTP layer (tests swap its ``sleep``)."""
-        return self._api
-
-    def close(self) -> None:
-        self._api.close()
 
     # -- the contract ---------------------------------------------------------------------
 

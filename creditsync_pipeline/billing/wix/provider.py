@@ -56,7 +56,7 @@ from ..base import (
     FAILED_STATUSES,
     LOOKUP_ERROR,
     REMOVED,
-    BillingProvider,
+    HttpProvider,
     BillingSnapshot,
     Budget,
     CustomerLinks,
@@ -101,7 +101,7 @@ class _Batch:
         self.lock = threading.Lock()
 
 
-class WixProvider(BillingProvider):
+class WixProvider(HttpProvider):
     """Wix's App Instance API: a token per instance, then ``GET /apps/v1/instance``."""
 
     name = "wix"
@@ -160,34 +160,16 @@ class WixProvider(BillingProvider):
             api_base=cfg.wix.api_base,
             concurrency=cfg.wix.concurrency,
             plan_map=cfg.plan_map,
-            timeout=budget.timeout,
-            max_attempts=budget.max_attempts,
-            backoff_max=budget.backoff_max,
-            max_retry_after=budget.max_retry_after,
+            **budget.http_options(),
         )
 
     def __repr__(self) -> str:
         return f"WixProvider(base_url={self.base_url!r}, app_id={self._app_id!r}, concurrency={self._concurrency})"
 
     @property
-    def base_url(self) -> str:
-        return self._api.base_url
-
-    @property
     def tokens(self) -> TokenCache:
         """The access-token cache this provider shares with every other of the same app."""
         return self._tokens
-
-    @property
-    def _sleep(self) -> Any:  # tests swap the pause between attempts
-        return self._api.sleep
-
-    @_sleep.setter
-    def _sleep(self, value: Any) -> None:
-        self._api.sleep = value
-
-    def close(self) -> None:
-        self._api.close()
 
     # -- the contract ---------------------------------------------------------------------
 
