@@ -50,7 +50,8 @@ def _configure_logging(verbose: bool) -> None:
 def _run_sync(cfg: settings.Settings, instance_ids: list[str] | None, options: sync.SyncOptions) -> sync.SyncReport:
     engine = appdb.create_engine_from_url(cfg.database_url)
     try:
-        with sync.open_billing(cfg, engine) as billing:
+        # A dry run writes nothing, not even creditsync's own cache of Stripe customer links.
+        with sync.open_billing(cfg, engine, remember_links=not options.dry_run) as billing:
             if instance_ids:
                 return sync.run_targeted_sync(engine, billing, instance_ids, trigger="manual", options=options)
             return sync.run_full_sync(engine, billing, trigger="manual", options=options)
@@ -168,7 +169,7 @@ def cmd_serve(args: argparse.Namespace, cfg: settings.Settings) -> int:
 def cmd_demo(args: argparse.Namespace, cfg: settings.Settings) -> int:
     from . import demo
 
-    return demo.main(port=args.port, ui=not args.no_ui)
+    return demo.main(port=args.port, ui=not args.no_ui, provider=args.provider)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="seed a SQLite app DB, start the billing simulator and the Dagster UI")
     demo.add_argument("--port", type=int, default=3000, help="Dagster UI port (default 3000)")
     demo.add_argument("--no-ui", action="store_true", help="seed and run the first sync, then exit")
+    demo.add_argument("--provider", choices=("generic", "wix", "stripe"), default="generic",
+                      help="the billing provider to simulate (default generic)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

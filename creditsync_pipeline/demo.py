@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import random
 import shutil
 import signal
@@ -140,11 +141,51 @@ def write_dagster_home(home: Path) -> None:
     (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def start_simulator(records_file: Path, port: int, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "creditsync_pipeline.simulators.generic", "--port", str(port), "--records", str(records_file)],
-        env=env,
-    )
+#: the demo's billing providers (``creditsync demo --provider``)
+PROVIDERS = ("generic", "wix", "stripe")
+DEMO_WIX_APP_ID = "demo-wix-app"
+DEMO_WIX_APP_SECRET = "demo-wix-app-secret"
+DEMO_STRIPE_KEY = "sk_test_demo_creditsync"
+DEMO_STRIPE_WEBHOOK_SECRET = "whsec_demo_creditsync"
+
+
+def billing_side(provider: str, data: DemoData, root: Path) -> tuple[list[str], dict[str, str]]:
+    """(the simulator's command line after ``--port N``, the settings creditsync needs) for ``provider``.
+
+    Every provider serves the same demo data set in its own shape, so the same drift shows.
+    """
+    if provider == "generic":
+        records_file = root / "billing_records.json"
+        records_file.write_text(json.dumps(data.records, indent=1))
+        return (["-m", "creditsync_pipeline.simulators.generic", "--records", str(records_file)],
+                {"BILLING_PROVIDER": "generic", "BILLING_API_TOKEN": DEMO_TOKEN})
+    if provider == "wix":
+        from .server.wix import generate_key_pair
+        from .simulators.wix import demo_instances
+
+        instances_file = root / "wix_instances.json"
+        instances_file.write_text(json.dumps(demo_instances(data), indent=1))
+        private_key, public_key = generate_key_pair()
+        (root / "wix_webhook_private_key.pem").write_text(private_key)  # to sign demo deliveries
+        (root / "wix_webhook_public_key.pem").write_text(public_key)
+        return (["-m", "creditsync_pipeline.simulators.wix", "--instances", str(instances_file)],
+                {"BILLING_PROVIDER": "wix", "WIX_APP_ID": DEMO_WIX_APP_ID, "WIX_APP_SECRET": DEMO_WIX_APP_SECRET,
+                 "WIX_WEBHOOK_PUBLIC_KEY": str(root / "wix_webhook_public_key.pem")})
+    if provider == "stripe":
+        records_file = root / "billing_records.json"
+        records_file.write_text(json.dumps(data.records, indent=1))
+        return (["-m", "creditsync_pipeline.simulators.stripe", "--records", str(records_file)],
+                {"BILLING_PROVIDER": "stripe", "STRIPE_API_KEY": DEMO_STRIPE_KEY,
+                 "STRIPE_WEBHOOK_SECRET": DEMO_STRIPE_WEBHOOK_SECRET})
+    raise ValueError(f"unknown demo provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+
+
+#: the setting that points creditsync at each provider's simulator
+_BASE_SETTING = {"generic": "BILLING_API_URL", "wix": "WIX_API_BASE", "stripe": "STRIPE_API_BASE"}
+
+
+def start_simulator(args: list[str], port: int, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, *args, "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -159,8 +200,8 @@ def start_simulator(records_file: Path, port: int, env: dict[str, str]) -> tuple
     raise RuntimeError("billing simulator did not start within 20 s")
 
 
-def main(port: int = 3000, ui: bool = True, root: Path | None = None) -> int:
-    """Seed, serve billing, run the first sync, then run the Dagster UI."""
+def main(port: int = 3000, ui: bool = True, root: Path | None = None, provider: str = "generic") -> int:
+    """Seed, serve billing (``provider``'s simulator), run the first sync, then run the Dagster UI."""
     # SIGTERM (a service manager, `timeout`) stops the children as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(root or os.environ.get("CREDITSYNC_DEMO_DIR") or Path.cwd() / ".demo").resolve()
@@ -170,23 +211,23 @@ def main(port: int = 3000, ui: bool = True, root: Path | None = None) -> int:
     data = demo_dataset(datetime.now(timezone.utc))
     db_url = f"sqlite:///{root / 'app.db'}"
     seed_database(db_url, data)
-    records_file = root / "billing_records.json"
-    records_file.write_text(json.dumps(data.records, indent=1))
+    sim_args, billing_env = billing_side(provider, data, root)
     write_dagster_home(root / "dagster_home")
 
     env = dict(os.environ)
     env.update(
         {
             "DATABASE_URL": db_url,
-            "BILLING_API_TOKEN": DEMO_TOKEN,
             "DAGSTER_HOME": str(root / "dagster_home"),
             "CREDITSYNC_APP_SECRET": env.get("CREDITSYNC_APP_SECRET", "demo-app-secret"),
+            **billing_env,
         }
     )
-    sim, sim_url = start_simulator(records_file, free_port(8765), env)
-    env["BILLING_API_URL"] = sim_url
+    sim, sim_url = start_simulator(sim_args, free_port(8765), env)
+    env[_BASE_SETTING[provider]] = sim_url
+    exports = {k: env[k] for k in ("DATABASE_URL", *billing_env, _BASE_SETTING[provider])}
     print(f"[demo] app database: {db_url} ({len(data.instances)} instances)")
-    print(f"[demo] billing simulator: {sim_url} ({len(data.records)} subscription records)")
+    print(f"[demo] billing: the {provider} simulator at {sim_url} (the demo data set: {len(data.records)} subscriptions)")
     try:
         print("[demo] first full reconciliation (credit_sync_job):", flush=True)
         first = subprocess.run(
@@ -202,7 +243,7 @@ def main(port: int = 3000, ui: bool = True, root: Path | None = None) -> int:
         print(
             f"\n[demo] Dagster UI: http://127.0.0.1:{ui_port}  (Assets > credit_sync > credit_mismatches for the report)\n"
             f"[demo] try it from another shell:\n"
-            f"  export DATABASE_URL='{db_url}' BILLING_API_URL='{sim_url}' BILLING_API_TOKEN='{DEMO_TOKEN}'\n"
+            f"  export {' '.join(f'{k}={shlex.quote(v)}' for k, v in exports.items())}\n"
             f"  .venv/bin/creditsync check\n"
             f"[demo] Ctrl-C stops everything.\n",
             flush=True,

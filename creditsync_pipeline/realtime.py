@@ -21,6 +21,8 @@ outcome             processed_at meaning
                                  syncs it once it appears)
 ``unknown_plan``    set          entitled to a plan missing from ``plans`` (never written)
 ``invalid_record``  set          billing's record for it fails validation (left alone)
+``removed``         set          the provider no longer knows the instance (Wix: the app
+                                 was removed from the site); left alone
 ``duplicate_event`` set          an earlier row carries the same ``event_id``
 ``unreadable``      set          no usable instance id in the row (column or payload)
 ``error``           null         the last attempt failed for this instance (an unusable
@@ -43,7 +45,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from . import appdb, rules, sync
-from .billing import UNAVAILABLE, BillingProvider, is_systemic
+from .billing import REMOVED, UNAVAILABLE, BillingProvider, is_systemic
 from .ids import instance_id_problem, log_safe
 
 CORRECTED = "corrected"
@@ -52,6 +54,7 @@ UNKNOWN_INSTANCE = "unknown_instance"
 UNKNOWN_PLAN = "unknown_plan"
 INVALID_RECORD = "invalid_record"
 DUPLICATE_EVENT = "duplicate_event"
+REMOVED_INSTANCE = "removed"
 UNREADABLE = "unreadable"
 ERROR = "error"
 WAITING = "waiting"
@@ -131,7 +134,9 @@ def classify(report: sync.SyncReport, instance_ids: Iterable[str]) -> tuple[dict
     again: list[str] = []
     for iid in instance_ids:
         found = kinds.get(iid, set())
-        if iid in unresolved:
+        if unresolved.get(iid) == REMOVED:
+            settled[iid] = REMOVED_INSTANCE  # the provider no longer knows it (app removed): left alone
+        elif iid in unresolved:
             continue  # billing could not answer for it: not settled (the caller reports why)
         if iid in unknown:
             settled[iid] = UNKNOWN_INSTANCE
@@ -153,6 +158,7 @@ def _unresolved_errors(report: sync.SyncReport) -> tuple[dict[str, str], set[str
     errors = {
         str(r.instance_id): f"billing could not answer for it ({r.status}): {r.reason}"
         for r in report.unresolved.itertuples(index=False)
+        if r.status != REMOVED
     }
     down = {str(r.instance_id) for r in report.unresolved.itertuples(index=False) if r.status == UNAVAILABLE}
     return errors, down

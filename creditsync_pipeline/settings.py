@@ -20,7 +20,8 @@ DEFAULT_BILLING_API_URL = "http://127.0.0.1:8765"
 DEFAULT_MAX_CHANGE_RATIO = 0.10
 DEFAULT_MAX_PAID_DOWNGRADE_RATIO = 0.10
 DEFAULT_REPORT_RETENTION_DAYS = 30
-DEFAULT_SYNC_RATE_LIMIT = 3  # manual syncs per instance per minute (``creditsync serve``)
+DEFAULT_SYNC_RATE_LIMIT = 3
+DEFAULT_RECEIVER_WORKERS = 2  # manual syncs per instance per minute (``creditsync serve``)
 DEFAULT_WIX_API_BASE = "https://www.wixapis.com"
 DEFAULT_WIX_CONCURRENCY = 16
 DEFAULT_STRIPE_API_BASE = "https://api.stripe.com"
@@ -91,6 +92,8 @@ class Settings:
     app_secret: Secret = field(default=Secret(""), repr=False)
     webhook_secret: Secret = field(default=Secret(""), repr=False)
     sync_rate_limit: int = DEFAULT_SYNC_RATE_LIMIT
+    #: ``CREDITSYNC_RECEIVER_WORKERS``: threads of ``serve`` that sync landed webhook rows at once (0: off)
+    receiver_workers: int = DEFAULT_RECEIVER_WORKERS
     max_change_ratio: float = DEFAULT_MAX_CHANGE_RATIO
     max_paid_downgrade_ratio: float = DEFAULT_MAX_PAID_DOWNGRADE_RATIO
     billing_timeout: float = 30.0
@@ -195,6 +198,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     wix_concurrency = _int(env, "WIX_CONCURRENCY", DEFAULT_WIX_CONCURRENCY)
     if not 1 <= wix_concurrency <= 256:
         raise SettingsError(f"WIX_CONCURRENCY must be between 1 and 256, got {wix_concurrency}")
+    receiver_workers = _int(env, "CREDITSYNC_RECEIVER_WORKERS", DEFAULT_RECEIVER_WORKERS)
+    if not 0 <= receiver_workers <= 32:
+        raise SettingsError(f"CREDITSYNC_RECEIVER_WORKERS must be between 0 and 32, got {receiver_workers}")
     retention = _int(env, "CREDITSYNC_REPORT_RETENTION_DAYS", DEFAULT_REPORT_RETENTION_DAYS)
     if retention < 1:
         raise SettingsError(f"CREDITSYNC_REPORT_RETENTION_DAYS must be at least 1, got {retention}")
@@ -223,6 +229,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         app_secret=Secret(env.get("CREDITSYNC_APP_SECRET", "")),
         webhook_secret=Secret(env.get("CREDITSYNC_WEBHOOK_SECRET", "")),
         sync_rate_limit=rate_limit,
+        receiver_workers=receiver_workers,
         max_change_ratio=_ratio(env, "CREDITSYNC_MAX_CHANGE_RATIO", DEFAULT_MAX_CHANGE_RATIO),
         max_paid_downgrade_ratio=_ratio(env, "CREDITSYNC_MAX_PAID_DOWNGRADE_RATIO", DEFAULT_MAX_PAID_DOWNGRADE_RATIO),
         billing_timeout=_float(env, "BILLING_API_TIMEOUT", 30.0),

@@ -200,9 +200,11 @@ def new_run_id() -> str:
 class AppDbCustomerLinks:
     """A provider's remembered instance <-> customer links, kept in the app database."""
 
-    def __init__(self, engine: Engine, provider: str) -> None:
+    def __init__(self, engine: Engine, provider: str, *, read_only: bool = False) -> None:
         self.engine = engine
         self.provider = provider
+        #: a dry run reads the links but writes none
+        self.read_only = read_only
 
     def customers_of(self, instance_ids: Iterable[str]) -> dict[str, str]:
         return appdb.customer_links_for(self.engine, self.provider, list(instance_ids))
@@ -211,19 +213,22 @@ class AppDbCustomerLinks:
         return appdb.instances_for_customers(self.engine, self.provider, list(customer_ids))
 
     def remember(self, links: dict[str, str]) -> None:
-        if links:
+        if links and not self.read_only:
             appdb.remember_customer_links(self.engine, self.provider, links)
 
 
 def open_billing(
-    cfg: settings.Settings, engine: Engine | None = None, *, interactive: bool = False
+    cfg: settings.Settings, engine: Engine | None = None, *, interactive: bool = False, remember_links: bool = True
 ) -> BillingProvider:
     """The billing provider ``BILLING_PROVIDER`` selects, for every entry point.
 
-    ``engine`` (the app database) keeps a provider's remembered customer links;
-    ``interactive`` gives it the budget of a person waiting on a button.
+    ``engine`` (the app database) keeps a provider's remembered customer links (read
+    only unless ``remember_links``: a dry run writes nothing); ``interactive`` gives the
+    provider the budget of a person waiting on a button.
     """
-    links = AppDbCustomerLinks(engine, cfg.billing_provider) if engine is not None else None
+    links = (
+        AppDbCustomerLinks(engine, cfg.billing_provider, read_only=not remember_links) if engine is not None else None
+    )
     return provider_from_settings(cfg, interactive=interactive, links=links)
 
 

@@ -108,7 +108,7 @@ def make_client(sim: BillingSimulator, sleeps: SleepRecorder) -> Iterator[Callab
         base_url = options.pop("base_url", sim.base_url)
         token = options.pop("token", TOKEN)
         client = BillingClient(base_url, token, **options)  # type: ignore[arg-type]
-        client._sleep = sleeps
+        client.api.sleep = sleeps
         clients.append(client)
         return client
 

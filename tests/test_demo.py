@@ -15,10 +15,11 @@ from .helpers import NOW, end_state
 
 
 @pytest.mark.slow
-def test_demo_no_ui_runs_the_first_reconciliation(tmp_path):
+@pytest.mark.parametrize("provider", ["generic", "wix", "stripe"])
+def test_demo_no_ui_runs_the_first_reconciliation(tmp_path, provider):
     env = dict(os.environ, CREDITSYNC_DEMO_DIR=str(tmp_path / "demo"))
     proc = subprocess.run(
-        [sys.executable, "-m", "creditsync_pipeline.cli", "demo", "--no-ui"],
+        [sys.executable, "-m", "creditsync_pipeline.cli", "demo", "--no-ui", "--provider", provider],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

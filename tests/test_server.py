@@ -71,6 +71,7 @@ def make_settings(db_url: str, billing_url: str, **overrides) -> Settings:
         app_secret=Secret(APP_SECRET),
         webhook_secret=Secret(WEBHOOK_SECRET),
         sync_rate_limit=100,
+        receiver_workers=0,  # these tests look at what lands; tests/test_receivers.py at the syncs after it
     )
     values.update(overrides)
     return Settings(**values)

@@ -37,6 +37,7 @@ import pandas as pd
 
 if TYPE_CHECKING:
     from ..settings import Settings
+    from .http import HttpApi
 
 from .errors import BillingAuthError, BillingError, BillingUnavailableError
 from .records import (
@@ -52,6 +53,7 @@ from .records import (
 
 __all__ = [
     "FAILED_STATUSES",
+    "HttpProvider",
     "LOOKUP_ERROR",
     "REMOVED",
     "UNAVAILABLE",
@@ -177,6 +179,25 @@ class BillingProvider(ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class HttpProvider(BillingProvider):
+    """A provider over one :class:`~.http.HttpApi` (all of them here): the plumbing they share."""
+
+    _api: HttpApi
+
+    @property
+    def base_url(self) -> str:
+        """The API base URL (without any userinfo)."""
+        return self._api.base_url
+
+    @property
+    def api(self) -> HttpApi:
+        """The HTTP layer (tests swap its ``sleep`` to record the pauses between attempts)."""
+        return self._api
+
+    def close(self) -> None:
+        self._api.close()
 
 
 # -- helpers every provider shares -------------------------------------------------------------
@@ -392,6 +413,11 @@ class Budget:
     max_attempts: int = 5
     backoff_max: float = 30.0
     max_retry_after: float = 120.0
+
+    def http_options(self) -> dict[str, float]:
+        """The budget as :class:`~.http.HttpApi` keyword arguments."""
+        return {"timeout": self.timeout, "max_attempts": self.max_attempts,
+                "backoff_max": self.backoff_max, "max_retry_after": self.max_retry_after}
 
     def interactive(self) -> Budget:
         """A budget fit for a person waiting on a button: a slow billing API gives a quick 503.

@@ -28,7 +28,7 @@ import httpx
 import pandas as pd
 
 from ..settings import Settings
-from .base import BillingProvider, BillingSnapshot, Budget, CustomerLinks, Lookup, check_requested_ids, look_up_each, map_plans, snapshot_from_lookups
+from .base import BillingSnapshot, Budget, CustomerLinks, HttpProvider, Lookup, check_requested_ids, look_up_each, map_plans, snapshot_from_lookups
 from .http import HttpApi, json_type, quote_id, utcnow
 from .records import BadRecord, concat_frames, empty_invalid, empty_records, record_fields, record_ids, short_repr, validate_fields
 
@@ -69,7 +69,7 @@ def tail_cursor(content: bytes) -> str | None | Any:
 NO_GUESS = _NO_GUESS
 
 
-class GenericBillingClient(BillingProvider):
+class GenericBillingClient(HttpProvider):
     """The SPEC Billing API over one pooled ``httpx.Client``: list pages, per-instance look-ups."""
 
     name = "generic"
@@ -124,32 +124,13 @@ class GenericBillingClient(BillingProvider):
         return cls(
             cfg.billing_api_url,
             cfg.require_billing_token(),
-            timeout=budget.timeout,
-            max_attempts=budget.max_attempts,
-            backoff_max=budget.backoff_max,
-            max_retry_after=budget.max_retry_after,
+            **budget.http_options(),
             page_size=cfg.billing_page_size,
             plan_map=cfg.plan_map,
         )
 
     def __repr__(self) -> str:
         return f"GenericBillingClient(base_url={self.base_url!r}, page_size={self._page_size})"
-
-    @property
-    def base_url(self) -> str:
-        """The API base URL (without any userinfo)."""
-        return self._api.base_url
-
-    @property
-    def _sleep(self) -> Any:  # tests swap the pause between attempts
-        return self._api.sleep
-
-    @_sleep.setter
-    def _sleep(self, value: Any) -> None:
-        self._api.sleep = value
-
-    def close(self) -> None:
-        self._api.close()
 
     # -- the contract ---------------------------------------------------------------------
 

@@ -35,15 +35,20 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.background import BackgroundTasks
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import appdb, settings, sync
 from ..billing import BillingAuthError, BillingError, BillingProvider, BillingUnavailableError
 from ..rules import WRITABLE_KINDS, RulesError
+from ..ids import log_safe
 from . import tokens, webhooks
 from .ratelimit import RateLimiter
+from .receiver import ReceiverSync
+from . import stripe as stripe_webhooks
+from .wix import WixWebhookVerifier
 
 __all__ = ["ServeError", "create_app", "serve"]
 
@@ -54,6 +59,8 @@ sync_logger = logging.getLogger("creditsync")
 
 SYNC_PATH = "/api/billing/sync-credits"
 WEBHOOK_PATH = "/api/billing/webhook"
+WIX_WEBHOOK_PATH = "/api/billing/webhook/wix"
+STRIPE_WEBHOOK_PATH = "/api/billing/webhook/stripe"
 HEALTH_PATH = "/healthz"
 
 #: the manual-sync rate limit window, seconds (the limit itself is a setting)
@@ -224,13 +231,16 @@ class _Service:
         body.update(changed=False, outcome=outcome, old=dict(current), new=dict(current))
         return _Outcome(200, body)
 
-    def land(self, event: webhooks.WebhookEvent) -> appdb.LandedEvent:
+    def land(self, event: webhooks.WebhookEvent, lease_owner: str | None = None) -> appdb.LandedEvent:
+        """Land (and commit) the event's row; leased to ``lease_owner`` when given."""
         return appdb.land_webhook_event(
             self.engine,
             event_id=event.event_id,
             event_type=event.event_type,
             instance_id=event.instance_id,
             payload=event.payload,
+            lease_owner=lease_owner,
+            lease_seconds=appdb.DEFAULT_LEASE_SECONDS if lease_owner else None,
         )
 
     def health(self) -> None:
@@ -278,18 +288,30 @@ def create_app(
     billing: BillingProvider | None = None,
     rate_limiter: RateLimiter | None = None,
     clock: Callable[[], datetime] = sync.utcnow,
+    receiver_billing: BillingProvider | None = None,
 ) -> Starlette:
     """Build the app; raise :class:`settings.SettingsError` when it cannot work.
 
     ``engine``/``billing`` default to ones built from ``cfg`` (and are closed
     on shutdown); tests inject their own, and a ``rate_limiter`` and ``clock``.
+    The receivers' background syncs use ``receiver_billing`` (default: ``billing``
+    when injected, else a provider with a batch job's budget); they run while the
+    app's lifespan runs, with ``cfg.receiver_workers`` threads (0: the sensor syncs
+    every row).
     """
     cfg = cfg if cfg is not None else settings.from_env()
     if not cfg.app_secret:
         raise settings.SettingsError("CREDITSYNC_APP_SECRET is not set")
     app_secret = str(cfg.app_secret)
     webhook_secret = str(cfg.webhook_secret)
+    wix_verifier = None
+    if cfg.wix.webhook_public_key:
+        try:
+            wix_verifier = WixWebhookVerifier(cfg.wix.webhook_public_key)
+        except ValueError as exc:
+            raise settings.SettingsError(f"WIX_WEBHOOK_PUBLIC_KEY: {sync.one_line(exc)}") from None
     owned: list[Callable[[], None]] = []
+    billing_injected = billing is not None
     if engine is None:
         engine = appdb.create_engine_from_url(cfg.database_url)
         owned.append(engine.dispose)
@@ -305,6 +327,7 @@ def create_app(
     limiter = rate_limiter if rate_limiter is not None else RateLimiter(cfg.sync_rate_limit, RATE_WINDOW_SECONDS)
     service = _Service(cfg, engine, billing)
     in_flight: set[str] = set()
+    receiver: ReceiverSync | None = None  # started by the lifespan
 
     async def sync_credits(request: Request) -> JSONResponse:
         try:
@@ -334,9 +357,8 @@ def create_app(
             in_flight.discard(instance_id)
         return JSONResponse(outcome.body, status_code=outcome.status, headers=outcome.headers)
 
-    async def webhook(request: Request) -> JSONResponse:
-        if not webhook_secret:
-            return _error(503, "webhook_not_configured", "the webhook receiver is disabled: CREDITSYNC_WEBHOOK_SECRET is not set")
+    async def read_body(request: Request) -> bytes | JSONResponse:
+        """The raw body (verified byte for byte), or the error answer: too large, cut off."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > webhooks.MAX_EVENT_BYTES:
             return _error(413, "payload_too_large", f"webhook bodies are limited to {webhooks.MAX_EVENT_BYTES} bytes")
@@ -348,24 +370,85 @@ def create_app(
                     return _error(413, "payload_too_large", f"webhook bodies are limited to {webhooks.MAX_EVENT_BYTES} bytes")
         except ClientDisconnect:
             return _error(400, "client_disconnected", "the request body was not received completely")
-        raw = bytes(body)
+        return bytes(body)
+
+    async def receive(
+        request: Request,
+        provider: str,
+        verify: Callable[[bytes, Any], webhooks.WebhookEvent],
+        after: Callable[[webhooks.WebhookEvent], None] | None = None,
+    ) -> Response:
+        """Every receiver: verify, land + commit (leased to this process when it has room),
+        answer 200, then (in the background) ``after`` and the row's sync (:class:`ReceiverSync`)."""
+        raw = await read_body(request)
+        if isinstance(raw, JSONResponse):
+            return raw
         try:
-            webhooks.verify_webhook_signature(
-                request.headers.get(webhooks.SIGNATURE_HEADER), raw, webhook_secret, now=clock().timestamp()
-            )
-            event = webhooks.parse_event(raw)
+            event = await run_in_threadpool(verify, raw, request.headers)
         except webhooks.WebhookError as exc:
-            logger.warning("[CreditSync] Webhook refused: %s (%s)", exc.code, exc.message)
+            logger.warning("[CreditSync] %s webhook refused: %s (%s)", provider, exc.code, exc.message)
             return _error(exc.status, exc.code, exc.message)
+        reserved = receiver is not None and receiver.reserve()
         try:
-            inserted = (await run_in_threadpool(service.land, event)).inserted
+            landed = await run_in_threadpool(service.land, event, receiver.owner if reserved else None)
         except appdb.AppDatabaseError as exc:
-            logger.error("[CreditSync] Webhook %s not landed: %s", event.event_id, sync.one_line(exc))
+            if reserved:
+                receiver.cancel()
+            logger.error("[CreditSync] Webhook %s not landed: %s", log_safe(event.event_id), sync.one_line(exc))
             return _error(503, "database_unavailable", "the event was not stored; retry later",
                           {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})
-        logger.info("[CreditSync] Webhook %s (%s) for instance %s %s", event.event_id, event.event_type,
-                    event.instance_id or "-", "landed" if inserted else "already landed (duplicate)")
-        return JSONResponse({"received": True, "event_id": event.event_id, "duplicate": not inserted})
+        sync_logger.info(
+            "[CreditSync] Billing webhook event %s for instance %s (%s event %s%s)",
+            log_safe(event.event_type), log_safe(event.instance_id or "-"), provider, log_safe(event.event_id),
+            "" if landed.inserted else ", a redelivery",
+        )
+        tasks = BackgroundTasks()  # run after the response has been sent
+        if after is not None:
+            tasks.add_task(run_in_threadpool, after, event)
+        if reserved and landed.leased:
+            tasks.add_task(receiver.submit, landed.id)
+        elif reserved:
+            receiver.cancel()
+        return JSONResponse(
+            {"received": True, "event_id": event.event_id, "duplicate": not landed.inserted}, background=tasks
+        )
+
+    def verify_generic(raw: bytes, headers: Any) -> webhooks.WebhookEvent:
+        webhooks.verify_webhook_signature(headers.get(webhooks.SIGNATURE_HEADER), raw, webhook_secret, now=clock().timestamp())
+        return webhooks.parse_event(raw)
+
+    async def webhook(request: Request) -> Response:
+        if not webhook_secret:
+            return _error(503, "webhook_not_configured", "the webhook receiver is disabled: CREDITSYNC_WEBHOOK_SECRET is not set")
+        return await receive(request, "generic", verify_generic)
+
+    stripe_secret = str(cfg.stripe.webhook_secret)
+    metadata_key = cfg.stripe.instance_metadata_key
+
+    def verify_stripe(raw: bytes, headers: Any) -> webhooks.WebhookEvent:
+        return stripe_webhooks.receive_stripe_webhook(
+            headers.get(stripe_webhooks.STRIPE_SIGNATURE_HEADER), raw, secret=stripe_secret, metadata_key=metadata_key,
+            instances_of_customer=lambda customer: appdb.instances_for_customers(engine, "stripe", [customer]).get(customer, []),
+            now=clock().timestamp(),
+        )
+
+    def remember_stripe_link(event: webhooks.WebhookEvent) -> None:
+        links = stripe_webhooks.customer_link(event, metadata_key)
+        if links:
+            try:
+                appdb.remember_customer_links(engine, "stripe", links)
+            except appdb.AppDatabaseError as exc:  # a cache: the next full sync learns it again
+                logger.warning("[CreditSync] Could not remember the Stripe customer link: %s", sync.one_line(exc))
+
+    async def stripe_webhook(request: Request) -> Response:
+        if not stripe_secret:
+            return _error(503, "webhook_not_configured", "the Stripe webhook receiver is disabled: STRIPE_WEBHOOK_SECRET is not set")
+        return await receive(request, "stripe", verify_stripe, remember_stripe_link)
+
+    async def wix_webhook(request: Request) -> Response:
+        if wix_verifier is None:
+            return _error(503, "webhook_not_configured", "the Wix webhook receiver is disabled: WIX_WEBHOOK_PUBLIC_KEY is not set")
+        return await receive(request, "wix", lambda raw, headers: wix_verifier.parse(raw))
 
     async def healthz(request: Request) -> JSONResponse:
         try:
@@ -388,26 +471,46 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+        nonlocal receiver
         try:
             await run_in_threadpool(service.health)
         except appdb.AppDatabaseError as exc:
             logger.warning("[CreditSync] App database not reachable at start-up (GET /healthz will say 503): %s",
                            sync.one_line(exc))
+        background: list[Callable[[], None]] = []
+        if cfg.receiver_workers:
+            syncing = receiver_billing or (billing if billing_injected else None)
+            if syncing is None:
+                syncing = sync.open_billing(cfg, engine)
+                background.append(syncing.close)
+            receiver = ReceiverSync(engine, syncing, workers=cfg.receiver_workers)
+            background.insert(0, receiver.close)
         logger.info(
-            "[CreditSync] Manual sync app ready: %s (limit %d per instance per %g s), webhook receiver %s",
-            SYNC_PATH, limiter.limit, limiter.window,
-            WEBHOOK_PATH if webhook_secret else "disabled (CREDITSYNC_WEBHOOK_SECRET not set)",
+            "[CreditSync] Manual sync app ready: %s (limit %d per instance per %g s), webhook receivers %s, "
+            "background syncs: %s",
+            SYNC_PATH, limiter.limit, limiter.window, ", ".join(receiver_paths) or "none",
+            f"{cfg.receiver_workers} worker(s)" if receiver is not None else "off (the webhook sensor syncs every row)",
         )
         try:
             yield
         finally:
+            app.state.receiver = receiver
+            receiver = None
+            for close in background:
+                close()
             for close in reversed(owned):
                 close()
 
+    receiver_paths = [
+        path for path, on in ((WEBHOOK_PATH, webhook_secret), (WIX_WEBHOOK_PATH, wix_verifier),
+                              (STRIPE_WEBHOOK_PATH, stripe_secret)) if on
+    ]
     app = Starlette(
         routes=[
             Route(SYNC_PATH, sync_credits, methods=["POST"]),
             Route(WEBHOOK_PATH, webhook, methods=["POST"]),
+            Route(WIX_WEBHOOK_PATH, wix_webhook, methods=["POST"]),
+            Route(STRIPE_WEBHOOK_PATH, stripe_webhook, methods=["POST"]),
             Route(HEALTH_PATH, healthz, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},

@@ -108,30 +108,35 @@ def verify_webhook_signature(
     *,
     now: float | None = None,
     tolerance: int = TOLERANCE_SECONDS,
+    header_name: str = SIGNATURE_HEADER,
 ) -> None:
-    """Raise :class:`WebhookError` (401) unless ``header`` signs ``body``."""
+    """Raise :class:`WebhookError` (401) unless ``header`` signs ``body``.
+
+    ``header_name`` names the header in messages: Stripe's ``Stripe-Signature`` is the same
+    scheme (:mod:`.stripe`).
+    """
     key = _key(secret)
     if header is None or not header.strip():
-        raise _bad_signature(f"missing {SIGNATURE_HEADER} header")
+        raise _bad_signature(f"missing {header_name} header")
     if len(header) > 4096:
-        raise _bad_signature(f"{SIGNATURE_HEADER} header is too long")
+        raise _bad_signature(f"{header_name} header is too long")
     timestamp: str | None = None
     candidates: list[bytes] = []
     for item in header.split(","):
         name, sep, value = item.strip().partition("=")
         if not sep:
-            raise _bad_signature(f"{SIGNATURE_HEADER} header is malformed")
+            raise _bad_signature(f"{header_name} header is malformed")
         if name == "t":
             if timestamp is not None or not _T_RE.fullmatch(value):
-                raise _bad_signature(f"{SIGNATURE_HEADER} header has a bad timestamp")
+                raise _bad_signature(f"{header_name} header has a bad timestamp")
             timestamp = value
         elif name == "v1":
             if not _HEX64_RE.fullmatch(value):
-                raise _bad_signature(f"{SIGNATURE_HEADER} header has a malformed v1 signature")
+                raise _bad_signature(f"{header_name} header has a malformed v1 signature")
             candidates.append(bytes.fromhex(value))
         # other schemes (v0, future versions) are ignored, as providers do
     if timestamp is None or not candidates:
-        raise _bad_signature(f"{SIGNATURE_HEADER} header needs t= and v1=")
+        raise _bad_signature(f"{header_name} header needs t= and v1=")
     current = time.time() if now is None else now
     if abs(current - int(timestamp)) > tolerance:
         raise WebhookError(401, "stale_signature", f"signature timestamp is more than {tolerance} s from the receiver's clock")

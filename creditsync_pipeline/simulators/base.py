@@ -177,6 +177,10 @@ class Handler(BaseHTTPRequestHandler):
             payload["message"] = message
         self.json(status, payload)
 
+    def rate_limited(self, headers: dict[str, str]) -> None:
+        """The 429 of a ``rate_limit`` fault (a provider's simulator answers in its own shape)."""
+        self.json(429, {"error": "rate_limited"}, headers=headers)
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """JSON errors for protocol-level failures too (bad request line, etc.)."""
         self.close_connection = True
@@ -251,7 +255,7 @@ class Handler(BaseHTTPRequestHandler):
             return False
         if fault.kind == "rate_limit":
             headers = {} if fault.retry_after is None else {"Retry-After": format_retry_after(fault.retry_after)}
-            self.json(429, {"error": "rate_limited"}, headers=headers)
+            self.rate_limited(headers)
         elif fault.kind == "error":
             self.error(500, "internal_error", "simulated failure")
         elif fault.kind == "drop":

@@ -1,0 +1,7 @@
+"""``python -m creditsync_pipeline.simulators.stripe`` (see the package docstring)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
