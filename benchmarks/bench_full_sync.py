@@ -277,11 +277,11 @@ def copy_out(url: str) -> dict[str, Any]:
     name = engine.dialect.name
     try:
         if name == "mysql":
-            from creditsync_pipeline.appdb.dialects.mysql import _PagedReader
+            from creditsync_pipeline.appdb.dialects.mysql.paged_read import PagedReader
 
             with engine.connect() as conn:
                 t0 = time.perf_counter()
-                reader = _PagedReader(conn, ordered=False)
+                reader = PagedReader(conn, ordered=False)
                 reader.read_all()
                 seconds = time.perf_counter() - t0
                 size = sum(len(page) for page in reader.pages)  # UTF-8 bytes, as the server sent them

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from creditsync_pipeline import appdb
 from creditsync_pipeline.appdb import AppDatabaseError, create_engine_from_url, init_db, read_instances
 from creditsync_pipeline.appdb.dialects import mysql as mysql_dialect
+from creditsync_pipeline.appdb.dialects.mysql import paged_read
 
 from .appdb_support import NOW, ODD_IDS, T0, allow_null_created_at, by_id, corrections_frame, dump_db, instance_row, seed
 
@@ -241,8 +242,8 @@ def test_paged_read_equals_the_portable_read(mysql_engine: Engine, monkeypatch: 
     seed(mysql_engine, [instance_row(i, credits_total=n, credits_used=n % 7,
                                      updated_at=None if n % 11 == 0 else T0 + timedelta(microseconds=n))
                         for n, i in enumerate(ids)])
-    monkeypatch.setattr(mysql_dialect, "_FIRST_PAGE_ROWS", 700)
-    real_init = mysql_dialect._PagedReader.__init__
+    monkeypatch.setattr(paged_read, "FIRST_PAGE_ROWS", 700)
+    real_init = paged_read.PagedReader.__init__
     cut = {"pages": 0}
 
     def small_budget(self, conn, *, ordered):  # type: ignore[no-untyped-def]
@@ -250,15 +251,15 @@ def test_paged_read_equals_the_portable_read(mysql_engine: Engine, monkeypatch: 
         self.budget = 20_000
         self.cursor.execute(f"SET SESSION group_concat_max_len = {self.budget}")
 
-    real_page = mysql_dialect._PagedReader._page
+    real_page = paged_read.PagedReader._page
 
     def counting_page(self, where):  # type: ignore[no-untyped-def]
         page = real_page(self, where)
         cut["pages"] += page is None
         return page
 
-    monkeypatch.setattr(mysql_dialect._PagedReader, "__init__", small_budget)
-    monkeypatch.setattr(mysql_dialect._PagedReader, "_page", counting_page)
+    monkeypatch.setattr(paged_read.PagedReader, "__init__", small_budget)
+    monkeypatch.setattr(paged_read.PagedReader, "_page", counting_page)
     fast = {ordered: read_instances(mysql_engine, ordered=ordered) for ordered in (True, False)}
     named = read_instances(mysql_engine, ids[::3] + ["absent"])
     assert cut["pages"] > 0
