@@ -88,7 +88,8 @@ class MySQL(Dialect):
     # ------------------------------------------------------------------ bulk
 
     def load_rows(self, conn: Connection, table: Table, columns: Mapping[str, list[Any]]) -> None:
-        """Multi-row ``INSERT`` statements of at most ``literals.STATEMENT_BYTES``, literals built per column (:mod:`.literals`).
+        """Multi-row ``INSERT`` statements of at most ``STATEMENT_BYTES``, literals built
+        column by column (:mod:`.literals`).
 
         Rows with an ``instance_id`` are loaded in id order: a scratch table without a key
         keeps insertion order, so the joined ``UPDATE`` then walks ``instances``' primary
@@ -114,7 +115,7 @@ class MySQL(Dialect):
     def read_instances(
         self, conn: Connection, wanted: list[str] | None, *, ordered: bool
     ) -> pd.DataFrame | None:
-        """The rows as server-formatted CSV pages parsed by pandas' C reader (see the module doc)."""
+        """The rows as server-formatted CSV pages parsed by pandas' C reader (:mod:`.paged_read`)."""
         if conn.dialect.driver != "pymysql":
             return None
         if wanted is not None and not wanted:
@@ -179,9 +180,9 @@ class MySQL(Dialect):
         ``INSERT ... SELECT`` the rows whose key is new: two exact row counts.
 
         (``INSERT ... ON DUPLICATE KEY UPDATE`` cannot tell an inserted row from an
-        untouched one under ``CLIENT_FOUND_ROWS``.) A row another transaction inserts
-        between the two statements makes the INSERT fail with a duplicate key: the whole
-        write rolls back and the caller's retry sees it as existing.
+        untouched one under ``CLIENT_FOUND_ROWS``.) Two transactions writing the same new
+        keys at once may collide (a duplicate key or a deadlock, as PostgreSQL's upsert may
+        deadlock): the whole write rolls back and fails; a retry sees the other's rows.
         """
         labelled = (col.label(name) for name, col in zip(names, source.selected_columns))
         src = source.with_only_columns(*labelled).subquery("src")
@@ -237,7 +238,11 @@ def _real_column_types(conn: Connection, likes: Sequence[str]) -> dict[str, str]
         tuple(v for pair in wanted for v in pair),
     ).all()
     out = {}
-    for table_name, column_name, column_type, charset, collation in rows:
+    for row in rows:
+        # Some servers type information_schema columns as binary: text either way.
+        table_name, column_name, column_type, charset, collation = (
+            v.decode() if isinstance(v, (bytes, bytearray)) else v for v in row
+        )
         sql_type = str(column_type)
         if charset:
             sql_type += f" CHARACTER SET {charset}"
