@@ -56,11 +56,12 @@ from ..base import (
     FAILED_STATUSES,
     LOOKUP_ERROR,
     REMOVED,
-    HttpProvider,
     BillingSnapshot,
     Budget,
     CustomerLinks,
+    HttpProvider,
     Lookup,
+    check_requested_ids,
     look_up_each,
     snapshot_from_lookups,
 )
@@ -209,14 +210,7 @@ class WixProvider(HttpProvider):
 
     def fetch_instances(self, instance_ids: Iterable[str], *, plan_ids: Collection[str] = ()) -> BillingSnapshot:
         """One look-up per distinct id; ValueError for an id that is not usable (never sent)."""
-        if isinstance(instance_ids, str):
-            raise TypeError("instance_ids must be an iterable of ids, not a single string")
-        ids = tuple(dict.fromkeys(instance_ids))
-        for value in ids:
-            problem = instance_id_problem(value)
-            if problem is not None:
-                raise ValueError(f"cannot fetch instance {short_repr(value)}: {problem}")
-        return self._fetch(ids, full=False)
+        return self._fetch(check_requested_ids(instance_ids), full=False)
 
     # -- a batch --------------------------------------------------------------------------
 
