@@ -114,3 +114,28 @@ def test_a_fault_mid_upsert_writes_nothing(engine: Engine, monkeypatch: pytest.M
     assert len(calls) == 2
     assert "\n" not in str(caught.value) and "disk on fire" in str(caught.value)
     assert dump_db(engine) == before
+
+
+def test_concurrent_writers_of_overlapping_links_all_succeed(engine) -> None:
+    """A full sync and the receivers may remember the same new links at once: no deadlock escapes."""
+    import threading
+
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def writer(n: int) -> None:
+        links = {f"inst-{i:04d}": f"cus_{n}_{i}" for i in range(0, 400, 1 + n % 2)}
+        start.wait()
+        try:
+            for _ in range(3):
+                appdb.remember_customer_links(engine, "stripe", links)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(appdb.customer_links_for(engine, "stripe", [f"inst-{i:04d}" for i in range(400)])) == 400

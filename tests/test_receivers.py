@@ -13,6 +13,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -112,8 +113,13 @@ def test_a_receiver_that_died_leaves_its_row_to_the_sensor_once_its_lease_runs_o
     data, sim = world
     engine = appdb.create_engine_from_url(db_url)
     landed = appdb.land_webhook_event(engine, event_id="evt_3", event_type="x", instance_id="abc123", payload=None,
-                                      lease_owner="receiver:gone:1:dead", lease_seconds=1.0)
-    engine.dispose()
+                                      lease_owner="receiver:gone:1:dead", lease_seconds=300.0)
+
+    def lease_runs_out() -> None:  # what 300 s of a dead receiver would do, without waiting
+        with engine.begin() as conn:
+            conn.execute(sa.update(appdb.billing_webhook_events).where(appdb.billing_webhook_events.c.id == landed.id)
+                         .values(claimed_until=datetime.now(timezone.utc) - timedelta(seconds=1)))
+
     resources = {"app_db": AppDatabaseResource(database_url=db_url),
                  "billing": BillingResource(api_url=sim.base_url, api_token=TOKEN)}
     with instance_for_test() as instance:
@@ -124,12 +130,13 @@ def test_a_receiver_that_died_leaves_its_row_to_the_sensor_once_its_lease_runs_o
 
         first = tick(None)
         assert not first.run_requests  # the (dead) receiver still holds it
-        time.sleep(1.5)
+        lease_runs_out()
         later = tick(first.cursor)
         (request,) = later.run_requests
         assert request.run_config["ops"]["sync_instances"]["config"]["webhook_event_ids"] == [landed.id]
         assert instance_credit_sync_job.execute_in_process(
             run_config=request.run_config, tags=request.tags, instance=instance, resources=resources).success
+    engine.dispose()
     assert rows(db_url)["evt_3"]["outcome"] == "corrected"
 
 

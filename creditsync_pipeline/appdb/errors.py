@@ -103,6 +103,21 @@ def reason(exc: BaseException) -> str:
     return text_ or type(exc).__name__
 
 
+#: driver error codes of a deadlock the server resolved by aborting one transaction
+_DEADLOCK_CODES = {"40P01", "40001", 1213, 1205}
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """Whether ``exc`` is a deadlock (or serialisation failure) worth retrying the transaction for."""
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return False
+    code = getattr(orig, "pgcode", None)
+    if code is None and getattr(orig, "args", None):
+        code = orig.args[0]
+    return code in _DEADLOCK_CODES
+
+
 def _is_connect_failure(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and (exc.connection_invalidated or exc.statement is None)
 

@@ -7,6 +7,7 @@ webhook finds its instances. One row per ``(provider, instance_id)``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 
@@ -14,7 +15,7 @@ from sqlalchemy import Engine, Text, literal, select
 
 from . import dialects, limits, scratch
 from .engine import connection_now, write_transaction
-from .errors import AppDatabaseError, errors
+from .errors import AppDatabaseError, errors, is_deadlock
 from .schema import billing_customer_links
 from .scratch import tmp_links
 from .timestamps import UTCDateTime, to_utc_datetime
@@ -39,7 +40,8 @@ def remember_customer_links(
     _check_provider(provider)
     instance_ids: list[str] = []
     customer_ids: list[str] = []
-    for instance_id, customer_id in links.items():
+    # Id order: concurrent writers (a full sync, the receivers) lock rows in the same order.
+    for instance_id, customer_id in sorted(links.items(), key=lambda kv: str(kv[0])):
         if not isinstance(instance_id, str) or not isinstance(customer_id, str) or not customer_id:
             raise AppDatabaseError(
                 f"a customer link needs a text instance id and a non-empty customer id, not "
@@ -50,6 +52,23 @@ def remember_customer_links(
     if not instance_ids:
         return 0
     stamp = to_utc_datetime(now) if now is not None else None
+    for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
+        try:
+            return _upsert_links(engine, provider, instance_ids, customer_ids, stamp)
+        except AppDatabaseError as exc:
+            if attempt == _DEADLOCK_ATTEMPTS or not is_deadlock(exc.__cause__ or exc):
+                raise
+            time.sleep(0.05 * attempt)  # another writer won the race: the upsert is idempotent, go again
+    raise AssertionError("unreachable")
+
+
+#: a link upsert that meets a deadlock is tried again this many times in all
+_DEADLOCK_ATTEMPTS = 3
+
+
+def _upsert_links(
+    engine: Engine, provider: str, instance_ids: list[str], customer_ids: list[str], stamp: datetime | None
+) -> int:
     with errors(engine, "remembering customer links"), write_transaction(engine) as conn:
         dialects.of(conn).tune_bulk(conn)
         scratch.create(conn, tmp_links)
