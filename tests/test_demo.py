@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -148,3 +149,35 @@ def test_the_whole_demo_shows_the_banner_then_operator_lines_and_its_page_link_w
     assert _sensor_ticks(root / "logs" / "dagster.log") >= 6  # the noise is there, not on the terminal
     state = end_state(f"sqlite:///{root / 'app.db'}")
     assert state[STALE_INSTANCE][:2] == ("team", 20000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", ["generic", "wix", "stripe"])
+def test_the_lost_upgrade_is_what_each_providers_simulator_then_says(tmp_path, provider):
+    """After the first fix, :func:`lose_an_upgrade` makes billing (of every demo provider) say team."""
+    from creditsync_pipeline.demo import _BASE_SETTING, billing_side, lose_an_upgrade, seed_database
+    from creditsync_pipeline.demo_console import Child, wait_until_up
+
+    data = demo_dataset(NOW)
+    db_url = f"sqlite:///{tmp_path / 'app.db'}"
+    seed_database(db_url, data)
+    sim_args, billing_env = billing_side(provider, data, tmp_path)
+    port = _free_port()
+    sim_url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DATABASE_URL": db_url, **billing_env, _BASE_SETTING[provider]: sim_url}
+    sim = Child("simulator", [sys.executable, *sim_args, "--port", str(port)], env, tmp_path)
+    try:
+        wait_until_up(sim, f"{sim_url}/_sim/health", "the simulator", 30)
+
+        def fix() -> None:
+            done = subprocess.run([sys.executable, "-m", "creditsync_pipeline.cli", "fix", "--instance", STALE_INSTANCE],
+                                  env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr[-2000:]
+
+        fix()
+        assert end_state(db_url)[STALE_INSTANCE][:2] == ("pro", 5000)
+        assert lose_an_upgrade(provider, data, sim_url, datetime.now(timezone.utc)) == STALE_INSTANCE
+        fix()
+        assert end_state(db_url)[STALE_INSTANCE][:2] == ("team", 20000)
+    finally:
+        sim.stop(signal.SIGTERM, grace=10)
