@@ -3,8 +3,12 @@
 ``creditsync demo`` seeds a realistic app database (paying instances stuck
 on the free plan, wrong allowances, canceled-but-paid-through, expired),
 serves the matching billing data from the simulator, runs a first full
-reconciliation so the UI has a mismatch report to show, then starts
-``dagster dev`` (webserver + daemon) with the pipeline loaded.
+reconciliation so the UI has a mismatch report to show, then loses one
+upgrade's webhook (:func:`lose_an_upgrade`) and starts ``creditsync serve``
+and ``dagster dev`` (webserver + daemon) with the pipeline loaded. The banner
+prints the Sync credits page of that instance. The terminal shows the banner and
+the operator lines only; every child's full output goes to ``<demo>/logs/``
+(:mod:`.demo_console`).
 """
 
 from __future__ import annotations
@@ -16,10 +20,9 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -27,9 +30,13 @@ import httpx
 import yaml
 
 from . import appdb
+from .demo_console import Child, say, wait_until_up
+from .server.tokens import sign_instance_token
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_TOKEN = "demo-billing-token"
+#: signs the demo's instance tokens (the Sync credits page link in the banner)
+DEMO_APP_SECRET = "demo-app-secret"
 
 PLANS = [
     {"plan_id": "free", "credits": 100, "is_free": True},
@@ -184,91 +191,160 @@ def billing_side(provider: str, data: DemoData, root: Path) -> tuple[list[str], 
 _BASE_SETTING = {"generic": "BILLING_API_URL", "wix": "WIX_API_BASE", "stripe": "STRIPE_API_BASE"}
 
 
-def start_simulator(args: list[str], port: int, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, *args, "--port", str(port)], env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"billing simulator exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/_sim/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError("billing simulator did not start within 20 s")
+#: the demo instance whose plan goes wrong after the first run (an upgrade whose webhook is lost)
+STALE_INSTANCE = "abc123"
+STALE_UPGRADE = ("pro", "team")
+#: the seeded rows were installed long ago: the provisioning net (new instances of the last
+#: minutes) leaves them alone, so the lost upgrade waits for the button
+INSTALLED_DAYS_AGO = 30
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def lose_an_upgrade(provider: str, data: DemoData, sim_url: str, now: datetime) -> str:
+    """Billing now says :data:`STALE_INSTANCE` bought ``team``; the app still says ``pro``.
+
+    The upgrade's webhook never reaches the app, so only a sync corrects it: the demo's
+    Sync credits page shows the wrong plan until its button is pressed. Returns the id.
+    """
+    iid, (old, new) = STALE_INSTANCE, STALE_UPGRADE
+    records = [dict(r) for r in data.records]
+    (mine,) = [r for r in records if r["instance_id"] == iid]
+    assert mine["plan_id"] == old, "the demo data set changed: pick another stale instance"
+    mine.update(plan_id=new, status="active", current_period_end=_iso(now + timedelta(days=30)),
+                updated_at=_iso(now + timedelta(seconds=1)))
+    if provider == "generic":
+        response = httpx.put(f"{sim_url}/_sim/subscriptions/{iid}", json=mine, timeout=10)
+    elif provider == "wix":
+        from .simulators.wix.instances import instances_from_records
+
+        instance = instances_from_records([mine], now=now)[iid]
+        response = httpx.put(f"{sim_url}/_sim/instances/{iid}", json=instance, timeout=10)
+    elif provider == "stripe":
+        response = httpx.post(f"{sim_url}/_sim/records", json={"records": records}, timeout=10)
+    else:
+        raise ValueError(f"unknown demo provider {provider!r}")
+    response.raise_for_status()
+    return iid
+
+
+def _banner(*, db_url: str, provider: str, sim_url: str, ui_url: str | None, page_url: str | None,
+            serve_url: str | None, logs: Path, exports: dict[str, str]) -> str:
+    rule = "=" * 78
+    lines = [rule, "[demo] creditsync demo is running"]
+    if ui_url:
+        lines.append(f"  Dagster UI          {ui_url}  (Assets > credit_sync > credit_mismatches)")
+    if page_url:
+        old, new = STALE_UPGRADE
+        lines += [
+            f"  Sync credits page   {page_url}",
+            f"                      instance {STALE_INSTANCE}: {old} in the app, {new} in billing (its upgrade",
+            "                      webhook was lost); open it and press Sync credits",
+        ]
+    if serve_url:
+        lines.append(f"  creditsync serve    {serve_url}  (POST /api/billing/sync-credits, webhook receivers)")
+    lines += [
+        f"  app database        {db_url}",
+        f"  billing             the {provider} simulator at {sim_url}",
+        f"  logs                {logs}/  (dagster.log: UI, daemon, sensors, runs; serve.log;",
+        "                      simulator.log; first-run.log; creditsync.log: CREDITSYNC_LOG_FILE)",
+        "  from another shell:",
+        f"    export {' '.join(f'{k}={shlex.quote(v)}' for k, v in exports.items())}",
+        "    .venv/bin/creditsync check",
+        "  Ctrl-C stops everything.",
+        rule,
+        "[demo] operator lines follow (everything else is in the log files above):",
+    ]
+    return "\n".join(lines)
 
 
 def main(port: int = 3000, ui: bool = True, root: Path | None = None, provider: str = "generic") -> int:
-    """Seed, serve billing (``provider``'s simulator), run the first sync, then run the Dagster UI."""
+    """Seed, serve billing (``provider``'s simulator), run the first sync, then run serve + the Dagster UI."""
     # SIGTERM (a service manager, `timeout`) stops the children as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")  # "→" on a terminal that cannot show it
     root = Path(root or os.environ.get("CREDITSYNC_DEMO_DIR") or Path.cwd() / ".demo").resolve()
     if root.exists():
         shutil.rmtree(root)
-    root.mkdir(parents=True)
-    data = demo_dataset(datetime.now(timezone.utc))
+    logs = root / "logs"
+    logs.mkdir(parents=True)
+    now = datetime.now(timezone.utc)
+    data = demo_dataset(now)
+    installed = now - timedelta(days=INSTALLED_DAYS_AGO)
     db_url = f"sqlite:///{root / 'app.db'}"
-    seed_database(db_url, data)
+    seed_database(db_url, replace(data, instances=[{**r, "created_at": installed} for r in data.instances]))
     sim_args, billing_env = billing_side(provider, data, root)
     write_dagster_home(root / "dagster_home")
 
+    serve_port = free_port(8000)
+    serve_url = f"http://127.0.0.1:{serve_port}"
     env = dict(os.environ)
     env.update(
         {
             "DATABASE_URL": db_url,
             "DAGSTER_HOME": str(root / "dagster_home"),
-            "CREDITSYNC_APP_SECRET": env.get("CREDITSYNC_APP_SECRET", "demo-app-secret"),
+            "CREDITSYNC_APP_SECRET": env.get("CREDITSYNC_APP_SECRET", DEMO_APP_SECRET),
+            # read by the log-file and report-link code of every process (harmless where unread)
+            "CREDITSYNC_LOG_FILE": str(logs / "creditsync.log"),
+            "CREDITSYNC_PUBLIC_URL": serve_url,
+            "PYTHONUNBUFFERED": "1",
             **billing_env,
         }
     )
-    sim, sim_url = start_simulator(sim_args, free_port(8765), env)
+    sim_port = free_port(8765)
+    sim_url = f"http://127.0.0.1:{sim_port}"
     env[_BASE_SETTING[provider]] = sim_url
     exports = {k: env[k] for k in ("DATABASE_URL", *billing_env, _BASE_SETTING[provider])}
-    print(f"[demo] app database: {db_url} ({len(data.instances)} instances)")
-    print(f"[demo] billing: the {provider} simulator at {sim_url} (the demo data set: {len(data.records)} subscriptions)")
+    children: list[Child] = []
+
+    def start(name: str, *args: str) -> Child:
+        child = Child(name, [sys.executable, *args], env, logs, cwd=REPO_ROOT)
+        children.append(child)
+        return child
+
     try:
-        print("[demo] first full reconciliation (credit_sync_job):", flush=True)
-        first = subprocess.run(
-            [sys.executable, "-m", "dagster", "job", "execute", "-m", "creditsync_pipeline.definitions",
-             "-j", "credit_sync_job", "--tags", json.dumps({"creditsync/trigger": "manual"})],
-            env=env, cwd=REPO_ROOT,
-        )
-        if first.returncode != 0:
-            print("[demo] the first run failed; the UI shows why", file=sys.stderr)
+        sim = start("simulator", *sim_args, "--port", str(sim_port))
+        wait_until_up(sim, f"{sim_url}/_sim/health", "the billing simulator", 30)
+        say(f"[demo] app database: {db_url} ({len(data.instances)} instances)")
+        say(f"[demo] billing: the {provider} simulator at {sim_url} (the demo data set: {len(data.records)} subscriptions)")
+        say(f"[demo] logs: {logs}/")
+        say("[demo] first full reconciliation (credit_sync_job):")
+        first = start("first-run", "-m", "dagster", "job", "execute", "-m", "creditsync_pipeline.definitions",
+                      "-j", "credit_sync_job", "--tags", json.dumps({"creditsync/trigger": "manual"})).wait()
+        if first != 0:
+            say(f"[demo] the first run failed (exit {first}); see {logs / 'first-run.log'}:\n  "
+                + "\n  ".join(children[-1].last_lines()[-8:]), sys.stderr)
+        else:
+            say("[demo] the first full reconciliation succeeded")
         if not ui:
-            return first.returncode
+            return first
+        stale = lose_an_upgrade(provider, data, sim_url, datetime.now(timezone.utc))
+        say("[demo] starting creditsync serve and the Dagster UI ...")
+        serve = start("serve", "-m", "creditsync_pipeline.cli", "serve", "--host", "127.0.0.1", "--port", str(serve_port))
+        wait_until_up(serve, f"{serve_url}/healthz", "creditsync serve", 60)
         ui_port = free_port(port)
-        print(
-            f"\n[demo] Dagster UI: http://127.0.0.1:{ui_port}  (Assets > credit_sync > credit_mismatches for the report)\n"
-            f"[demo] try it from another shell:\n"
-            f"  export {' '.join(f'{k}={shlex.quote(v)}' for k, v in exports.items())}\n"
-            f"  .venv/bin/creditsync check\n"
-            f"[demo] Ctrl-C stops everything.\n",
-            flush=True,
-        )
-        dev = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
-             "-h", "127.0.0.1", "-p", str(ui_port)],
-            env=env, cwd=REPO_ROOT,
-        )
-        try:
-            return dev.wait()
-        except (KeyboardInterrupt, SystemExit):
-            _stop(dev, signal.SIGINT, grace=30)
-            return 0
+        dev = start("dagster", "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
+                    "-h", "127.0.0.1", "-p", str(ui_port))
+        wait_until_up(dev, f"http://127.0.0.1:{ui_port}/server_info", "the Dagster UI", 240)
+        token = sign_instance_token(env["CREDITSYNC_APP_SECRET"], stale)
+        say(_banner(db_url=db_url, provider=provider, sim_url=sim_url, ui_url=f"http://127.0.0.1:{ui_port}",
+                    page_url=f"{serve_url}/billing?instance={token}", serve_url=serve_url, logs=logs, exports=exports))
+        while True:  # until Ctrl-C, or a child gives up
+            for child in (dev, serve, sim):
+                code = child.poll()
+                if code is not None:
+                    say(f"[demo] {child.name} exited with code {code}; its last lines ({child.log_path}):\n  "
+                        + "\n  ".join(child.last_lines()[-8:]), sys.stderr)
+                    return code or 1
+            time.sleep(0.5)
+    except RuntimeError as exc:
+        say(f"[demo] error: {exc}", sys.stderr)
+        return 1
+    except (KeyboardInterrupt, SystemExit):
+        return 0
     finally:
-        _stop(sim, signal.SIGTERM, grace=10)
-
-
-def _stop(proc: subprocess.Popen, sig: int, grace: float) -> None:
-    """Ask a child to stop, then insist."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        for child in reversed(children):
+            child.stop(signal.SIGINT if child.name == "dagster" else signal.SIGTERM, grace=30)

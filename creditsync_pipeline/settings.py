@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ DEFAULT_WIX_API_BASE = "https://www.wixapis.com"
 DEFAULT_WIX_CONCURRENCY = 16
 DEFAULT_STRIPE_API_BASE = "https://api.stripe.com"
 DEFAULT_STRIPE_METADATA_KEY = "instance_id"
+#: ``CREDITSYNC_FRAME_ANCESTORS``: who may frame the Sync credits page (CSP ``frame-ancestors``)
+DEFAULT_FRAME_ANCESTORS = "'self'"
 
 #: the values of ``BILLING_PROVIDER``
 PROVIDERS = ("generic", "wix", "stripe")
@@ -101,6 +104,8 @@ class Settings:
     billing_page_size: int = 1000
     #: ``CREDITSYNC_REPORT_RETENTION_DAYS``: mismatch reports (and stored run values) older than this are pruned
     report_retention_days: int = DEFAULT_REPORT_RETENTION_DAYS
+    #: ``CREDITSYNC_FRAME_ANCESTORS``: the CSP ``frame-ancestors`` sources of ``GET /billing``
+    frame_ancestors: str = DEFAULT_FRAME_ANCESTORS
 
     def require_billing_token(self) -> str:
         if not self.billing_api_token:
@@ -170,6 +175,30 @@ def _text_or_file(env: Mapping[str, str], name: str) -> str:
         raise SettingsError(f"{name}: cannot read {path}: {reason}") from None
 
 
+#: one CSP source a marketplace dashboard needs: 'self', 'none', or [scheme://]host[:port] (host may start "*.")
+_FRAME_SOURCE_RE = re.compile(
+    r"'self'|'none'|(?:https?://)?(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::(?:\d{1,5}|\*))?/?"
+)
+
+
+def _frame_ancestors(env: Mapping[str, str]) -> str:
+    """``CREDITSYNC_FRAME_ANCESTORS``: space-separated CSP sources, never a wildcard that lets anyone frame."""
+    raw = (env.get("CREDITSYNC_FRAME_ANCESTORS") or "").strip()
+    if not raw:
+        return DEFAULT_FRAME_ANCESTORS
+    sources = raw.split()
+    for source in sources:
+        host = source.split("://", 1)[-1]
+        if not _FRAME_SOURCE_RE.fullmatch(source) or (host.startswith("*.") and "." not in host[2:].split(":")[0]):
+            raise SettingsError(
+                "CREDITSYNC_FRAME_ANCESTORS must be space-separated origins such as "
+                "\"'self' https://manage.wix.com\" (no *, no bare scheme, no ';')"
+            )
+    if "'none'" in sources and len(sources) > 1:
+        raise SettingsError("CREDITSYNC_FRAME_ANCESTORS: 'none' cannot be combined with other sources")
+    return " ".join(sources)
+
+
 def _plan_map(env: Mapping[str, str]) -> dict[str, str]:
     text = _text_or_file(env, "CREDITSYNC_PLAN_MAP")
     if not text:
@@ -236,4 +265,5 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         billing_max_attempts=_int(env, "BILLING_API_MAX_ATTEMPTS", 5),
         billing_page_size=page_size,
         report_retention_days=retention,
+        frame_ancestors=_frame_ancestors(env),
     )

@@ -12,8 +12,10 @@ Routes:
   ``billing_webhook_events`` row (idempotent on ``event_id``) and answers 200
   only after the row is committed; the webhook sensor then syncs it.
 * ``GET /healthz`` -- 200 when the app database answers ``SELECT 1``.
+* ``GET /billing?instance=<token>`` -- the Sync credits page (:mod:`.page`): HTML,
+  its own headers and error pages.
 
-Every error is JSON ``{"error": <code>, "message": <one line>}``; no body and no
+Every API error is JSON ``{"error": <code>, "message": <one line>}``; no body and no
 log line ever holds a token, the app secret, the webhook secret or the billing
 token. Blocking work (database, billing API) runs in Starlette's thread pool.
 """
@@ -45,6 +47,7 @@ from ..billing import BillingAuthError, BillingError, BillingProvider, BillingUn
 from ..rules import WRITABLE_KINDS, RulesError
 from ..ids import log_safe
 from . import tokens, webhooks
+from .page import page_routes
 from .ratelimit import RateLimiter
 from .receiver import ReceiverSync
 from . import stripe as stripe_webhooks
@@ -512,6 +515,8 @@ def create_app(
             Route(WIX_WEBHOOK_PATH, wix_webhook, methods=["POST"]),
             Route(STRIPE_WEBHOOK_PATH, stripe_webhook, methods=["POST"]),
             Route(HEALTH_PATH, healthz, methods=["GET"]),
+            # GET /billing: the Sync credits page (server/page.py), same token check as SYNC_PATH
+            *page_routes(engine, app_secret, cfg.frame_ancestors, clock),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
