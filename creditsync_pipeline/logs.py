@@ -178,3 +178,14 @@ def configure_terminal(*, verbose: bool = False, one_shot: bool = True, stream: 
     # httpx logs every request at INFO; the sync's own lines are what ops read.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def close_log_files() -> None:
+    """Detach and close every log-file handler of this process (tests, a re-configured CLI)."""
+    with _lock:
+        handlers = list(_handlers.values())
+        _handlers.clear()
+    for handler in handlers:
+        for logger in [logging.getLogger(), logging.getLogger(LOGGER_NAME)]:
+            logger.removeHandler(handler)
+        handler.close()
