@@ -178,6 +178,8 @@ def configure_terminal(*, verbose: bool = False, one_shot: bool = True, stream: 
     # httpx logs every request at INFO; the sync's own lines are what ops read.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # Dagster's instance storage migrates through alembic, which logs each step at INFO.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def close_log_files() -> None:
