@@ -95,3 +95,35 @@ def test_revert_of_an_unknown_run_exits_2_with_one_line(world, db_url, capsys):
     assert dump_tables(db_url) == before
     code, out, err = run_cli(capsys, "revert", "no-such-run", "--json")
     assert code == 2 and out == ""
+
+
+def test_the_dagster_job_is_the_same_revert(world, db_url, capsys):
+    from dagster import DagsterInstance
+
+    from creditsync_pipeline.defs.jobs import revert_credit_sync_run
+    from creditsync_pipeline.defs.resources import AppDatabaseResource
+
+    code, out, err = run_cli(capsys, "fix", "--json")
+    assert code == 0, err
+    run_id = json.loads(out)["run_id"]
+    resources = {"app_db": AppDatabaseResource(database_url=db_url)}
+
+    def launch(config: dict):
+        with DagsterInstance.ephemeral() as instance:
+            return revert_credit_sync_run.execute_in_process(
+                run_config={"ops": {"revert_run": {"config": config}}}, resources=resources,
+                instance=instance, raise_on_error=False)
+
+    before = dump_tables(db_url)
+    preview = launch({"run_id": run_id, "dry_run": True})
+    assert preview.success and preview.output_for_node("revert_run")["skipped"] == []
+    assert len(preview.output_for_node("revert_run")["reverted"]) == 15
+    assert dump_tables(db_url) == before
+    done = launch({"run_id": run_id})
+    assert done.success
+    reverts = audit_rows(db_url).query("trigger == 'revert'")
+    assert len(reverts) == 15 and set(reverts["run_id"]) == {done.run_id}
+    unknown = launch({"run_id": "no-such-run"})
+    assert not unknown.success
+    (failure,) = [e for e in unknown.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "unknown run id 'no-such-run'" in failure.step_failure_data.error.message
