@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,12 +154,21 @@ def _ratio(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+#: a host name (IDN letters allowed) or an IP address (IPv6 without its brackets, as urlsplit gives it)
+_HOST_RE = re.compile(r"[\w.\-~%:]+")
+
+
 def _url(env: Mapping[str, str], name: str, default: str) -> str:
     """An absolute http(s) URL; the value is never echoed (it may carry a password)."""
     raw = (env.get(name) or "").strip() or default
     try:
         parts = urlsplit(raw)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        ok = (
+            parts.scheme in ("http", "https")
+            and bool(parts.hostname)
+            and not any(c.isspace() or not c.isprintable() for c in raw)
+            and _HOST_RE.fullmatch(parts.hostname or "") is not None
+        )
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         ok = False

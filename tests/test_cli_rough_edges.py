@@ -66,7 +66,7 @@ def test_missing_schema_says_run_init_db(db_url, sim, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("variable", ["BILLING_API_URL", "WIX_API_BASE", "STRIPE_API_BASE"])
-@pytest.mark.parametrize("value", ["not a url", "ftp://billing.example.com", "http://", "http://host:99999", "http://[::1"])
+@pytest.mark.parametrize("value", ["not a url", "http://not a url", "https://bill ing.example.com/v1", "ftp://billing.example.com", "http://", "http://host:99999", "http://[::1"])
 def test_a_bad_url_setting_is_a_settings_error(variable, value, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
     monkeypatch.setenv(variable, value)
