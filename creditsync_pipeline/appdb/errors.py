@@ -150,7 +150,7 @@ def wrap(engine: Engine, action: str, exc: BaseException, note: str = "") -> App
     why = one_line(reason(exc), *secrets)
     if _is_connect_failure(exc):
         message = f"app database unreachable ({label}){note}: {why}"
-    elif is_missing_table(exc):
+    elif is_missing_table(exc) and not action.startswith("init-db"):  # init-db itself: no hint to run it
         return SchemaMissingError(one_line(f"{action} failed{note} ({label}): {INIT_DB_HINT} ({why})", *secrets))
     else:
         message = f"{action} failed{note} ({label}): {why}"
