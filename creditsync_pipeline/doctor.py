@@ -284,6 +284,8 @@ def run_checks(cfg: settings.Settings, env: Mapping[str, str] | None = None,
     finally:
         if ctx.engine is not None:
             ctx.engine.dispose()
+        if ctx.instance is not None:
+            ctx.instance.dispose()
     return results
 
 
