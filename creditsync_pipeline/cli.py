@@ -3,7 +3,8 @@
 
 Exit codes: ``check`` 0 = no mismatch, 1 = mismatches; ``fix`` 0 = done,
 3 = refused by a guard rail, 4 = done but billing could not answer for some
-instances (left alone, listed); every command 2 = error, with one line on
+instances (left alone, listed); ``doctor`` 0 = every check ok, 1 = a FAIL; ``revert``
+0 = done (also when already reverted); every command 2 = error, with one line on
 stderr and no traceback (set ``CREDITSYNC_DEBUG=1`` for one). ``-v`` goes before or
 after the command. ``CREDITSYNC_LOG_FILE`` sends the log lines to that file too.
 """
