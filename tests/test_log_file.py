@@ -172,3 +172,15 @@ def test_without_the_variable_nothing_is_written(world, tmp_path, monkeypatch, c
     assert code == 1
     assert not [h for h in logging.getLogger("creditsync").handlers if "Rotating" in type(h).__name__]
     assert list(tmp_path.glob("*.log")) == []
+
+
+def test_a_secret_that_reaches_a_message_is_masked_in_the_file(log_file, monkeypatch):
+    password = "pw-SECRET-logfile-8d1e"
+    monkeypatch.setenv("DATABASE_URL", f"postgresql+psycopg2://app:{password}@db.example.com/app")
+    monkeypatch.setenv("STRIPE_API_KEY", "sk_test_SECRET_logfile_77")
+    logs.attach_log_file()
+    log = logging.getLogger("creditsync.test")
+    log.error("[CreditSync] a careless line: %s %s %s", password, APP_SECRET, "sk_test_SECRET_logfile_77")
+    text = read(log_file)
+    assert "[CreditSync] a careless line: *** *** ***" in text
+    assert password not in text and "sk_test_SECRET_logfile_77" not in text
