@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-DEFAULT_DATABASE_URL = "sqlite:///creditsync.db"
 DEFAULT_BILLING_API_URL = "http://127.0.0.1:8765"
 DEFAULT_MAX_CHANGE_RATIO = 0.10
 DEFAULT_MAX_PAID_DOWNGRADE_RATIO = 0.10
@@ -83,7 +82,9 @@ class StripeSettings:
 class Settings:
     """What creditsync needs to run; built by :func:`from_env`."""
 
-    database_url: str = DEFAULT_DATABASE_URL
+    #: ``DATABASE_URL``; required outside the demo (no default: a command never creates an
+    #: empty database file where none was asked for) -- see :meth:`require_database_url`
+    database_url: str = ""
     #: ``BILLING_PROVIDER``: generic (the SPEC Billing API), wix or stripe
     billing_provider: str = "generic"
     billing_api_url: str = DEFAULT_BILLING_API_URL
@@ -106,6 +107,15 @@ class Settings:
     report_retention_days: int = DEFAULT_REPORT_RETENTION_DAYS
     #: ``CREDITSYNC_FRAME_ANCESTORS``: the CSP ``frame-ancestors`` sources of ``GET /billing``
     frame_ancestors: str = DEFAULT_FRAME_ANCESTORS
+
+    def require_database_url(self) -> str:
+        """``DATABASE_URL``, or a one-line :class:`SettingsError` naming what to set."""
+        if not self.database_url.strip():
+            raise SettingsError(
+                "DATABASE_URL is not set: give the app database's SQLAlchemy URL, "
+                "e.g. postgresql+psycopg2://user@host/app or sqlite:////var/lib/app/app.db"
+            )
+        return self.database_url.strip()
 
     def require_billing_token(self) -> str:
         if not self.billing_api_token:
@@ -148,12 +158,21 @@ def _ratio(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+#: a host name (IDN letters allowed) or an IP address (IPv6 without its brackets, as urlsplit gives it)
+_HOST_RE = re.compile(r"[\w.\-~%:]+")
+
+
 def _url(env: Mapping[str, str], name: str, default: str) -> str:
     """An absolute http(s) URL; the value is never echoed (it may carry a password)."""
     raw = (env.get(name) or "").strip() or default
     try:
         parts = urlsplit(raw)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        ok = (
+            parts.scheme in ("http", "https")
+            and bool(parts.hostname)
+            and not any(c.isspace() or not c.isprintable() for c in raw)
+            and _HOST_RE.fullmatch(parts.hostname or "") is not None
+        )
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         ok = False
@@ -237,7 +256,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if not 1 <= len(metadata_key) <= 40:
         raise SettingsError("STRIPE_INSTANCE_METADATA_KEY must be 1 to 40 characters (Stripe's metadata key limit)")
     return Settings(
-        database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+        database_url=(env.get("DATABASE_URL") or "").strip(),
         billing_provider=provider,
         billing_api_url=_url(env, "BILLING_API_URL", DEFAULT_BILLING_API_URL),
         billing_api_token=Secret(env.get("BILLING_API_TOKEN", "")),

@@ -25,10 +25,11 @@ from .engine import (
     database_now,
     shares_data_across_connections,
 )
-from .errors import AppDatabaseError, UnknownRunError, redact_url
+from .errors import AppDatabaseError, SchemaMissingError, UnknownRunError, redact_url
 from .links import customer_links_for, instances_for_customers, remember_customer_links
 from .migrations import init_db
 from .reads import count_instances, instances_created_since, load_plans, read_audit, read_instances
+from .health import WebhookBacklog, free_plan_ids, missing_tables, ping, some_instance_ids, webhook_backlog
 from .revert import REVERT_COLUMNS, REVERT_TRIGGER, RevertResult, revert_reason, revert_run
 from .schema import (
     billing_customer_links,
@@ -58,6 +59,7 @@ __all__ = [
     "REVERT_COLUMNS",
     "REVERT_TRIGGER",
     "RevertResult",
+    "SchemaMissingError",
     "UnknownRunError",
     "CORRECTION_COLUMNS",
     "UTCDateTime",
@@ -90,6 +92,12 @@ __all__ = [
     "remember_customer_links",
     "revert_reason",
     "revert_run",
+    "WebhookBacklog",
+    "free_plan_ids",
+    "missing_tables",
+    "ping",
+    "some_instance_ids",
+    "webhook_backlog",
     "shares_data_across_connections",
     "unprocessed_webhook_events",
     "upsert_plans",

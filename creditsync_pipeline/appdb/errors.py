@@ -21,6 +21,14 @@ class AppDatabaseError(Exception):
     """An app-database operation failed; the message is one line and password-free."""
 
 
+class SchemaMissingError(AppDatabaseError):
+    """A creditsync table is missing: the schema was never applied (``creditsync init-db``)."""
+
+
+#: what the message of a missing-schema error ends with
+INIT_DB_HINT = "the schema is not applied to this database: run `creditsync init-db`"
+
+
 class UnknownRunError(AppDatabaseError):
     """A run id with no audit rows (nothing it wrote can be found)."""
 
@@ -118,6 +126,19 @@ def is_deadlock(exc: BaseException) -> bool:
     return code in _DEADLOCK_CODES
 
 
+def is_missing_table(exc: BaseException) -> bool:
+    """Whether ``exc`` says a table does not exist (SQLite, PostgreSQL 42P01, MySQL 1146)."""
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return False
+    if getattr(orig, "pgcode", None) == "42P01":
+        return True
+    args = getattr(orig, "args", None) or ()
+    if args and args[0] == 1146:
+        return True
+    return "no such table" in str(orig).lower()
+
+
 def _is_connect_failure(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and (exc.connection_invalidated or exc.statement is None)
 
@@ -129,6 +150,8 @@ def wrap(engine: Engine, action: str, exc: BaseException, note: str = "") -> App
     why = one_line(reason(exc), *secrets)
     if _is_connect_failure(exc):
         message = f"app database unreachable ({label}){note}: {why}"
+    elif is_missing_table(exc) and not action.startswith("init-db"):  # init-db itself: no hint to run it
+        return SchemaMissingError(one_line(f"{action} failed{note} ({label}): {INIT_DB_HINT} ({why})", *secrets))
     else:
         message = f"{action} failed{note} ({label}): {why}"
     return AppDatabaseError(one_line(message, *secrets))

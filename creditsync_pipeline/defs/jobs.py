@@ -114,3 +114,52 @@ def sync_instances_op(
 )
 def instance_credit_sync_job() -> None:
     sync_instances_op()
+
+
+# --- rollback (issue 13): the same revert as `creditsync revert` -------------------------
+
+
+class RevertConfig(Config):
+    """Which run to undo (its ``credit_sync_audit`` rows), and whether only to say what would happen."""
+
+    run_id: str = Field(description="run_id of the credit_sync_audit rows to undo (a Dagster run id, or the CLI's)")
+    dry_run: bool = Field(default=False, description="compute what would be reverted; write nothing")
+
+
+@op(
+    name="revert_run",
+    description="Undo one run's corrections from its audit rows: compare-and-set against the run's new values, "
+    "credits_used untouched, audited with trigger revert, one transaction.",
+)
+def revert_run_op(context: OpExecutionContext, config: RevertConfig, app_db: AppDatabaseResource) -> Output[dict]:
+    from .. import appdb, sync
+
+    try:
+        result = sync.run_revert(
+            app_db.get_engine(), config.run_id, dry_run=config.dry_run, log=context.log,
+            revert_run_id=context.run.run_id,
+        )
+    except appdb.AppDatabaseError as exc:  # unknown run, database down: one line, no traceback
+        raise Failure(description=f"[CreditSync] {sync.one_line(exc)}") from None
+    metadata = {
+        "reverted_run_id": MetadataValue.text(config.run_id),
+        "dry_run": MetadataValue.bool(config.dry_run),
+        "already_reverted": MetadataValue.bool(result.already_reverted),
+        "reverted": MetadataValue.int(len(result.reverted)),
+        "skipped": MetadataValue.int(len(result.skipped)),
+    }
+    return Output(
+        {"reverted": [str(i) for i in result.reverted["instance_id"]],
+         "skipped": [str(i) for i in result.skipped["instance_id"]]},
+        metadata=metadata,
+    )
+
+
+@job(
+    name="revert_credit_sync_run",
+    description="Roll back one run's corrections (config run_id; dry_run to preview). Same as `creditsync revert`.",
+    executor_def=in_process_executor,
+    tags={SYNC_TAG: "revert"},
+)
+def revert_credit_sync_run() -> None:
+    revert_run_op()

@@ -316,7 +316,7 @@ def create_app(
     owned: list[Callable[[], None]] = []
     billing_injected = billing is not None
     if engine is None:
-        engine = appdb.create_engine_from_url(cfg.database_url)
+        engine = appdb.create_engine_from_url(cfg.require_database_url())
         owned.append(engine.dispose)
     if billing is None:
         # The budget of a person waiting on the button: a slow billing API gives a quick 503.
