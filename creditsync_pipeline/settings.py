@@ -101,6 +101,23 @@ class Settings:
     billing_page_size: int = 1000
     #: ``CREDITSYNC_REPORT_RETENTION_DAYS``: mismatch reports (and stored run values) older than this are pruned
     report_retention_days: int = DEFAULT_REPORT_RETENTION_DAYS
+    #: ``CREDITSYNC_REPORTS_DIR``: where the full sync writes its mismatch reports (the
+    #: Dagster run and ``serve`` both need it); empty: ``$DAGSTER_HOME/storage/creditsync_reports``
+    reports_dir: str = ""
+    #: ``CREDITSYNC_PUBLIC_URL``: the base URL of ``creditsync serve`` as an operator's
+    #: browser reaches it (the Dagster report links to its ``/reports/`` route); empty: no link
+    public_url: str = ""
+
+    def report_folder(self, dagster_storage_dir: str | None = None) -> Path | None:
+        """The report folder: ``reports_dir``, else under Dagster's storage (None: unknown)."""
+        if self.reports_dir:
+            return Path(self.reports_dir)
+        if dagster_storage_dir is None:
+            home = os.environ.get("DAGSTER_HOME", "")
+            if not home:
+                return None
+            dagster_storage_dir = os.path.join(home, "storage")
+        return Path(dagster_storage_dir) / "creditsync_reports"
 
     def require_billing_token(self) -> str:
         if not self.billing_api_token:
@@ -236,4 +253,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         billing_max_attempts=_int(env, "BILLING_API_MAX_ATTEMPTS", 5),
         billing_page_size=page_size,
         report_retention_days=retention,
+        reports_dir=(env.get("CREDITSYNC_REPORTS_DIR") or "").strip(),
+        public_url=_url(env, "CREDITSYNC_PUBLIC_URL", "").rstrip("/") if (env.get("CREDITSYNC_PUBLIC_URL") or "").strip() else "",
     )

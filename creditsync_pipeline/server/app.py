@@ -48,6 +48,7 @@ from . import tokens, webhooks
 from .ratelimit import RateLimiter
 from .receiver import ReceiverSync
 from . import stripe as stripe_webhooks
+from .reports import report_routes
 from .wix import WixWebhookVerifier
 
 __all__ = ["ServeError", "create_app", "serve"]
@@ -512,6 +513,7 @@ def create_app(
             Route(WIX_WEBHOOK_PATH, wix_webhook, methods=["POST"]),
             Route(STRIPE_WEBHOOK_PATH, stripe_webhook, methods=["POST"]),
             Route(HEALTH_PATH, healthz, methods=["GET"]),
+            *report_routes(cfg),  # the full sync's mismatch reports (read-only, keyed links)
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
