@@ -1,9 +1,9 @@
 """``new_instance_sensor``: new rows in ``instances`` -> targeted runs (semantics in the package docstring)."""
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
-from dagster import DagsterRunStatus, DefaultSensorStatus, SensorEvaluationContext, SensorResult, sensor
+from dagster import DagsterRunStatus, DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, sensor
 from sqlalchemy.engine import Engine
 
 from ... import appdb, realtime
@@ -12,7 +12,7 @@ from ..jobs import instance_credit_sync_job
 from ..resources import AppDatabaseResource
 from .batches import (
     BATCH_SIZE, FUTURE_ALLOWANCE, MAX_INFLIGHT_BATCHES, MIN_INTERVAL_SECONDS, NEW_INSTANCE_LOOKBACK,
-    OUTAGE_RETRY_SECONDS, _batch_run, _chunks, _run_request, logger,
+    OUTAGE_RETRY_SECONDS, _batch_run, _chunks, _run_request,
 )
 from .cursors import Batch, NewInstanceCursor, _parse_time
 

@@ -2,16 +2,15 @@
 
 import time
 
-from dagster import DefaultSensorStatus, SensorEvaluationContext, SensorResult, sensor
+from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, sensor
 from sqlalchemy.engine import Engine
 
 from ... import appdb, realtime
-from ...ids import instance_id_problem, log_safe
 from ..jobs import instance_credit_sync_job
 from ..resources import AppDatabaseResource
 from .batches import (
-    BATCH_SIZE, MAX_INFLIGHT_BATCHES, MIN_INTERVAL_SECONDS, OUTAGE_RETRY_SECONDS, _batch_done, _batch_run, _chunks,
-    _held, _run_request, logger,
+    BATCH_SIZE, MAX_INFLIGHT_BATCHES, MIN_INTERVAL_SECONDS, OUTAGE_RETRY_SECONDS, _batch_done, _chunks, _held,
+    _run_request,
 )
 from .cursors import Batch, WebhookCursor
 
