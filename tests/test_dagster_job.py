@@ -257,6 +257,21 @@ def test_a_run_stores_no_values_and_old_reports_are_pruned(world, tmp_path, monk
     assert not [p for p in root.rglob("*") if p.is_file() and p.stat().st_size > 5_000_000]
 
 
+def test_a_report_that_cannot_be_written_is_a_warning_not_a_failed_run(world, sqlite_url, tmp_path, monkeypatch):
+    """The corrections are committed before the report is written (SPEC: a failure after the
+    commit never turns a committed correction into a reported failure)."""
+    _, resources, instance = world
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the report folder should be\n")
+    monkeypatch.setenv("CREDITSYNC_REPORTS_DIR", str(blocker))
+    result = materialize(credit_sync_assets, resources=resources, instance=instance)
+    assert result.success
+    assert len(audit_rows(sqlite_url)) == 15
+    corrections = stored_metadata(instance, result.run_id)["credit_corrections"]
+    assert "the mismatch report could not be written" in corrections["summary"].value
+    assert "full_list" not in corrections and "full_list_csv" not in corrections
+
+
 # -- the other providers through the step -----------------------------------------------------------
 
 

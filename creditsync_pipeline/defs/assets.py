@@ -112,7 +112,8 @@ def write_report(report: sync.SyncReport, folder: Path, retention: timedelta) ->
 def credit_sync(
     context: AssetExecutionContext, config: FullSyncConfig, app_db: AppDatabaseResource, billing: BillingResource
 ) -> Iterator[Any]:
-    cfg = settings.from_env()
+    with sync.reporting_errors(context.log):
+        cfg = settings.from_env()  # a bad setting fails the step before anything is read or written
     options = config.options()
     engine = app_db.get_engine()
     with billing.get_client(engine, remember_links=not options.dry_run) as client:
@@ -122,11 +123,16 @@ def credit_sync(
     folder = cfg.report_folder(context.instance.storage_directory())
     path: Optional[Path] = None
     if folder is not None:
-        path, removed = write_report(report, folder, timedelta(days=cfg.report_retention_days))
-        if removed:
-            context.log.info(
-                f"[CreditSync] Pruned {len(removed)} mismatch report(s) older than {cfg.report_retention_days} day(s)"
-            )
+        try:
+            path, removed = write_report(report, folder, timedelta(days=cfg.report_retention_days))
+        except OSError as exc:  # after the commit: a warning on the report, never a failed run
+            report.warnings.append(f"the mismatch report could not be written ({exc.strerror or type(exc).__name__})")
+            context.log.warning(f"[CreditSync] Committed {report.applied_count} correction(s), but {report.warnings[-1]}")
+        else:
+            if removed:
+                context.log.info(
+                    f"[CreditSync] Pruned {len(removed)} mismatch report(s) older than {cfg.report_retention_days} day(s)"
+                )
     link = render.report_link(cfg.public_url, str(cfg.app_secret), path) if path is not None else None
 
     yield MaterializeResult(asset_key=BILLING, metadata=render.billing_metadata(report))
@@ -134,7 +140,7 @@ def credit_sync(
     yield MaterializeResult(asset_key=MISMATCHES, metadata=render.mismatches_metadata(report, path, link))
     yield no_unknown_plans(report)
     corrections = render.corrections_metadata(report, path, link)
-    if report.refused and not report.dry_run:
+    if report.refused:  # as `creditsync fix` (exit 3), a dry run that a real run would refuse too
         raise Failure(description=f"[CreditSync] refused: {report.refused}", metadata=corrections)
     yield MaterializeResult(asset_key=CORRECTIONS, metadata=corrections)
     yield no_mismatches_after_fix(report)
