@@ -12,19 +12,35 @@ a new one is written, so the schedule's four runs a day do not fill the disk.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import re
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["DEFAULT_RETENTION", "neutralise", "prune", "write_csv"]
+__all__ = ["DEFAULT_RETENTION", "REPORT_PATTERN", "is_report_name", "link_key", "neutralise", "prune", "write_csv"]
 
 logger = logging.getLogger("creditsync")
 
 DEFAULT_RETENTION = timedelta(days=30)
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+#: the files the full sync writes (and the only names ``serve``'s report route answers for)
+REPORT_PATTERN = "credit_mismatches-*.csv"
+_REPORT_NAME = re.compile(r"credit_mismatches-[A-Za-z0-9_-]{1,64}\.csv")
+
+
+def is_report_name(name: str) -> bool:
+    """True for a bare report file name (no folder, no dots but the suffix's)."""
+    return _REPORT_NAME.fullmatch(name) is not None
+
+
+def link_key(secret: str, name: str) -> str:
+    """The key of a report link: HMAC-SHA256 of the file name with the app secret (hex)."""
+    return hmac.new(secret.encode("utf-8"), name.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def neutralise(value: object) -> object:

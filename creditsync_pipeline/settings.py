@@ -116,6 +116,23 @@ class Settings:
                 "e.g. postgresql+psycopg2://user@host/app or sqlite:////var/lib/app/app.db"
             )
         return self.database_url.strip()
+    #: ``CREDITSYNC_REPORTS_DIR``: where the full sync writes its mismatch reports (the
+    #: Dagster run and ``serve`` both need it); empty: ``$DAGSTER_HOME/storage/creditsync_reports``
+    reports_dir: str = ""
+    #: ``CREDITSYNC_PUBLIC_URL``: the base URL of ``creditsync serve`` as an operator's
+    #: browser reaches it (the Dagster report links to its ``/reports/`` route); empty: no link
+    public_url: str = ""
+
+    def report_folder(self, dagster_storage_dir: str | None = None) -> Path | None:
+        """The report folder: ``reports_dir``, else under Dagster's storage (None: unknown)."""
+        if self.reports_dir:
+            return Path(self.reports_dir)
+        if dagster_storage_dir is None:
+            home = os.environ.get("DAGSTER_HOME", "")
+            if not home:
+                return None
+            dagster_storage_dir = os.path.join(home, "storage")
+        return Path(dagster_storage_dir) / "creditsync_reports"
 
     def require_billing_token(self) -> str:
         if not self.billing_api_token:
@@ -285,4 +302,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         billing_page_size=page_size,
         report_retention_days=retention,
         frame_ancestors=_frame_ancestors(env),
+        reports_dir=(env.get("CREDITSYNC_REPORTS_DIR") or "").strip(),
+        public_url=_url(env, "CREDITSYNC_PUBLIC_URL", "").rstrip("/") if (env.get("CREDITSYNC_PUBLIC_URL") or "").strip() else "",
     )

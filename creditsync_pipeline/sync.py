@@ -126,6 +126,14 @@ class SyncReport:
     #: per-instance look-ups made (providers without a list, targeted runs)
     lookups: int = 0
     provider: str = "generic"
+    #: billing pages read (a list) and records that failed validation
+    billing_pages: int = 0
+    invalid_records: int = 0
+    #: valid billing records per subscription status
+    billing_status_counts: dict[str, int] = field(default_factory=dict)
+    #: the plans table with the instances on each plan when the run read them
+    #: (``plan_id``, ``credits``, ``is_free``, ``instances``)
+    plans: list[dict[str, Any]] = field(default_factory=list)
     #: things that went wrong after the commit (the verify re-read, say): the run still
     #: reports what it committed
     warnings: list[str] = field(default_factory=list)
@@ -411,7 +419,27 @@ def build_report(
         unassigned=snapshot.unassigned,
         lookups=snapshot.lookups,
         provider=snapshot.provider,
+        billing_pages=int(snapshot.pages),
+        invalid_records=int(len(snapshot.invalid)),
+        billing_status_counts=_value_counts(snapshot.records, "status"),
+        plans=_plan_rows(state),
     )
+
+
+def _value_counts(frame: pd.DataFrame, column: str) -> dict[str, int]:
+    if column not in frame.columns:
+        return {}
+    return {str(k): int(v) for k, v in frame[column].value_counts().items()}
+
+
+def _plan_rows(state: AppState) -> list[dict[str, Any]]:
+    """Each plan with the instances on it (the report's view of the app side)."""
+    per_plan = _value_counts(state.instances, "plan_id")
+    return [
+        {"plan_id": str(p.plan_id), "credits": int(p.credits), "is_free": bool(p.is_free),
+         "instances": per_plan.get(str(p.plan_id), 0)}
+        for p in state.plans.itertuples(index=False)
+    ]
 
 
 def log_outcome(report: SyncReport, log: Log, *, log_limit: int = 1000) -> None:

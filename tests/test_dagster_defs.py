@@ -20,8 +20,9 @@ def test_definitions_load_with_the_spec_names():
     from creditsync_pipeline.definitions import defs
 
     job = defs.resolve_job_def("credit_sync_job")
-    assert {n.name for n in job.nodes} >= {
-        "billing_subscriptions", "instance_credits", "credit_mismatches", "credit_corrections"}
+    # the full sync is one step (the CLI's run_full_sync) producing the four assets
+    assert [n.name for n in job.nodes] == ["credit_sync"]
+    assert job.nodes[0].definition.pool == "creditsync_full_sync"
     schedule = defs.resolve_schedule_def("credit_sync_every_6_hours")
     assert schedule.cron_schedule == "0 */6 * * *"
     assert schedule.execution_timezone == "UTC"
@@ -57,8 +58,9 @@ def _run(resources, instance, run_config=None, raise_on_error=True):
     )
 
 
-def _metadata(result, node):
-    (mat,) = result.asset_materializations_for_node(node)
+def _metadata(result, asset):
+    """The metadata of ``asset``'s materialization in ``result`` (one step makes all four)."""
+    (mat,) = [m for m in result.asset_materializations_for_node("credit_sync") if m.asset_key.to_user_string() == asset]
     return {k: v.value for k, v in mat.metadata.items()}
 
 
@@ -113,7 +115,7 @@ def test_dry_run_writes_nothing_and_the_check_says_so(world, db_url):
     _, _, resources = world
     before = dump_tables(db_url)
     with DagsterInstance.ephemeral() as instance:
-        result = _run(resources, instance, run_config={"ops": {"credit_corrections": {"config": {"dry_run": True}}}})
+        result = _run(resources, instance, run_config={"ops": {"credit_sync": {"config": {"dry_run": True}}}})
         assert result.success
         assert _metadata(result, "credit_corrections")["applied"] == 0
         checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
@@ -131,7 +133,7 @@ def test_guard_rail_fails_the_run_and_force_overrides(world, db_url):
         assert not result.success
         assert "empty subscription list" in _metadata(result, "credit_mismatches")["guard_rail"]
         assert dump_tables(db_url) == before
-        forced = _run(resources, instance, run_config={"ops": {"credit_mismatches": {"config": {"force": True}}}})
+        forced = _run(resources, instance, run_config={"ops": {"credit_sync": {"config": {"force": True}}}})
         assert forced.success
     assert {p for p, _, _ in end_state(db_url).values()} == {"free"}
 

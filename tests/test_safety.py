@@ -187,7 +187,8 @@ def test_instance_tokens_refuse_look_alike_ids(bad):
 
 
 def test_a_re_executed_old_decision_refuses_to_write(world, db_url, sim, monkeypatch):
-    """Materialize everything as a dry run, then the corrections alone 20 minutes later."""
+    """The full sync is one Dagster step: its write cannot be re-run alone from a stored
+    decision (the subset is refused), and a decision made 20 minutes ago refuses to write."""
     resources = {
         "app_db": AppDatabaseResource(database_url=db_url),
         "billing": BillingResource(api_url=sim.base_url, api_token=TOKEN),
@@ -195,15 +196,25 @@ def test_a_re_executed_old_decision_refuses_to_write(world, db_url, sim, monkeyp
     before = dump_tables(db_url)
     with DagsterInstance.ephemeral() as instance:
         first = materialize(credit_sync_assets, resources=resources, instance=instance,
-                            run_config={"ops": {"credit_corrections": {"config": {"dry_run": True}}}})
+                            run_config={"ops": {"credit_sync": {"config": {"dry_run": True}}}})
         assert first.success
+        with pytest.raises(Exception) as refused:
+            materialize(credit_sync_assets, resources=resources, instance=instance, selection="credit_corrections")
+        assert "does not support subsetting" in f"{refused.value} {refused.value.__cause__}"
+    assert dump_tables(db_url) == before
+
+    # the guard behind it (any caller that keeps a decision): billing data 20 minutes old
+    engine = appdb.create_engine_from_url(db_url)
+    try:
+        with BillingClient(sim.base_url, TOKEN) as billing:
+            snapshot = sync.fetch_billing(billing, engine)
+        decision = sync.decide(snapshot, sync.read_state(engine), options=sync.SyncOptions())
+        assert len(decision.corrections) > 0
         later = datetime.now(timezone.utc) + timedelta(minutes=20)
-        monkeypatch.setattr(sync, "utcnow", lambda: later)
-        again = materialize(credit_sync_assets, resources=resources, instance=instance,
-                            selection="credit_corrections", raise_on_error=False)
-    assert not again.success
-    failure = next(e for e in again.all_events if e.is_step_failure)
-    assert "fetched 20 minute(s) ago" in str(failure.event_specific_data.error)
+        with pytest.raises(sync.DecisionTooOld, match="fetched 20 minute\\(s\\) ago"):
+            sync.apply(engine, decision, run_id="old", trigger="manual", options=sync.SyncOptions(), now=later)
+    finally:
+        engine.dispose()
     assert dump_tables(db_url) == before
 
 
@@ -274,7 +285,7 @@ def test_the_mismatch_report_is_spreadsheet_safe_and_pruned(world, db_url, sim, 
         fresh = folder / "credit_mismatches-recent-run.csv"
         fresh.write_text("instance_id\n")
         result = materialize(credit_sync_assets, resources=resources, instance=instance,
-                             run_config={"ops": {"credit_corrections": {"config": {"dry_run": True}}}})
+                             run_config={"ops": {"credit_sync": {"config": {"dry_run": True}}}})
         assert result.success
         reports = sorted(folder.glob("credit_mismatches-*.csv"))
         assert stale not in reports and fresh in reports

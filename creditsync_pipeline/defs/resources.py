@@ -87,9 +87,10 @@ class BillingResource(ConfigurableResource):
         return settings.from_env(env)
 
     @contextmanager
-    def get_client(self, engine: Engine | None = None) -> Iterator[BillingProvider]:
-        """The configured provider (``engine``: where Stripe's customer links are kept)."""
-        provider = sync.open_billing(self.settings(), engine)
+    def get_client(self, engine: Engine | None = None, *, remember_links: bool = True) -> Iterator[BillingProvider]:
+        """The configured provider (``engine``: where Stripe's customer links are kept;
+        ``remember_links`` False: read them, write none, as a dry run must)."""
+        provider = sync.open_billing(self.settings(), engine, remember_links=remember_links)
         try:
             yield provider
         finally:

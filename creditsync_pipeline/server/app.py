@@ -51,6 +51,7 @@ from .page import page_routes
 from .ratelimit import RateLimiter
 from .receiver import ReceiverSync
 from . import stripe as stripe_webhooks
+from .reports import report_routes
 from .wix import WixWebhookVerifier
 
 __all__ = ["ServeError", "create_app", "serve"]
@@ -517,6 +518,7 @@ def create_app(
             Route(HEALTH_PATH, healthz, methods=["GET"]),
             # GET /billing: the Sync credits page (server/page.py), same token check as SYNC_PATH
             *page_routes(engine, app_secret, cfg.frame_ancestors, clock),
+            *report_routes(cfg),  # the full sync's mismatch reports (read-only, keyed links)
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
