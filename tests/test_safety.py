@@ -225,7 +225,7 @@ def test_a_failure_after_the_commit_still_reports_the_commit(world, db_url, sim,
     def broken_verify(*args, **kwargs):
         raise appdb.AppDatabaseError("app database unreachable (sqlite): the re-read failed")
 
-    monkeypatch.setattr(sync, "verify", broken_verify)
+    monkeypatch.setattr(sync.runs, "verify", broken_verify)
     cfg = Settings(database_url=db_url, billing_api_url=sim.base_url, billing_api_token=Secret(TOKEN),
                    app_secret=Secret(APP_SECRET), sync_rate_limit=100)
     caplog.set_level(logging.INFO)

@@ -43,8 +43,8 @@ def test_a_full_run_reads_the_app_database_while_billing_is_fetched(db_url: str,
         assert read_started.wait(10), "the read did not start while billing was being fetched"
         return snapshot
 
-    monkeypatch.setattr(sync, "read_state", read)
-    monkeypatch.setattr(sync, "fetch_billing", fetch)
+    monkeypatch.setattr(sync.runs, "read_state", read)
+    monkeypatch.setattr(sync.runs, "fetch_billing", fetch)
     engine = appdb.create_engine_from_url(db_url)
     try:
         with BillingClient(sim.base_url, TOKEN) as billing:
