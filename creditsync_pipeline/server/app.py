@@ -15,6 +15,9 @@ Routes:
 * ``GET /billing?instance=<token>`` -- the Sync credits page (:mod:`.page`): HTML,
   its own headers and error pages.
 
+The blocking work behind the routes is :mod:`.service` (:class:`~.service.ManualSync`);
+the access log, which never writes a query string, is :mod:`.access_log`.
+
 Every API error is JSON ``{"error": <code>, "message": <one line>}``; no body and no
 log line ever holds a token, the app secret, the webhook secret or the billing
 token. Blocking work (database, billing API) runs in Starlette's thread pool.
@@ -24,14 +27,11 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import pandas as pd
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -40,11 +40,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.background import BackgroundTasks
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import appdb, settings, sync
-from ..billing import BillingAuthError, BillingError, BillingProvider, BillingUnavailableError
-from ..rules import WRITABLE_KINDS, RulesError
+from ..billing import BillingProvider
 from ..ids import log_safe
 from . import tokens, webhooks
 from .page import page_routes
@@ -53,13 +51,12 @@ from .receiver import ReceiverSync
 from . import stripe as stripe_webhooks
 from .reports import report_routes
 from .wix import WixWebhookVerifier
+from .access_log import AccessLog
+from .service import UNAVAILABLE_RETRY_AFTER, ManualSync, error_response, sync_logger
 
 __all__ = ["ServeError", "create_app", "serve"]
 
 logger = logging.getLogger("creditsync.server")
-access_logger = logging.getLogger("creditsync.server.access")
-#: the sync service's operator lines ("[CreditSync] ...") go to the usual logger
-sync_logger = logging.getLogger("creditsync")
 
 SYNC_PATH = "/api/billing/sync-credits"
 WEBHOOK_PATH = "/api/billing/webhook"
@@ -69,220 +66,12 @@ HEALTH_PATH = "/healthz"
 
 #: the manual-sync rate limit window, seconds (the limit itself is a setting)
 RATE_WINDOW_SECONDS = 60.0
-#: Retry-After sent when billing or the database is unavailable
-UNAVAILABLE_RETRY_AFTER = 30
 
 _WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="creditsync"'}
 
 
 class ServeError(Exception):
     """``creditsync serve`` cannot start (one-line message)."""
-
-
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=headers)
-
-
-def _plain(value: Any) -> Any:
-    """A pandas/numpy scalar as a JSON-ready Python value (NA -> None)."""
-    if value is None:
-        return None
-    try:
-        if pd.isna(value):
-            return None
-    except (TypeError, ValueError):
-        pass
-    return value.item() if hasattr(value, "item") else value
-
-
-@dataclass
-class _Outcome:
-    status: int
-    body: dict[str, Any]
-    headers: dict[str, str] | None = None
-
-
-class _Service:
-    """The blocking side of the app (called in the thread pool)."""
-
-    def __init__(self, cfg: settings.Settings, engine: Engine, billing: BillingProvider) -> None:
-        self.cfg = cfg
-        self.engine = engine
-        self.billing = billing
-
-    def _current(self, instance_id: str) -> dict[str, Any] | None:
-        rows = appdb.read_instances(self.engine, [instance_id])
-        if rows.empty:
-            return None
-        row = rows.iloc[0]
-        return {"plan_id": _plain(row["plan_id"]), "credits_total": _plain(row["credits_total"])}
-
-    @staticmethod
-    def _unknown(instance_id: str) -> _Outcome:
-        return _Outcome(404, {
-            "error": "unknown_instance",
-            "message": f"instance {instance_id} is not provisioned in the app database; nothing changed",
-        })
-
-    @staticmethod
-    def _database_unavailable() -> _Outcome:
-        return _Outcome(
-            503,
-            {"error": "database_unavailable", "message": "the app database is unavailable; nothing changed, try again later"},
-            {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)},
-        )
-
-    @staticmethod
-    def _unresolved(status: str, instance_id: str) -> _Outcome:
-        """Billing could not answer for this instance: nothing changed, say why in words."""
-        if status == "unavailable":
-            return _Outcome(
-                503,
-                {"error": "billing_unavailable", "message": "the billing API is unavailable; nothing changed, try again later"},
-                {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)},
-            )
-        if status == "error":
-            return _Outcome(
-                502, {"error": "billing_error", "message": "the billing API answered something unusable; nothing changed"}
-            )
-        # removed / unlinked: billing does not know this instance (yet); it is never downgraded for that
-        return _Outcome(200, {
-            "instance_id": instance_id,
-            "changed": False,
-            "outcome": "not_found_in_billing",
-            "message": "billing does not know this instance yet; nothing changed, try again in a minute",
-        })
-
-    def sync_instance(self, instance_id: str) -> _Outcome:
-        """Run the targeted sync of one instance and render the answer."""
-        try:
-            # Cheap existence check first: an unknown instance costs no billing call.
-            known = self._current(instance_id) is not None
-        except appdb.AppDatabaseError as exc:
-            sync_logger.error("[CreditSync] Error running credit sync task: %s", sync.one_line(exc))
-            return self._database_unavailable()
-        if not known:
-            logger.info("[CreditSync] Manual sync for unknown instance %s: nothing to do", instance_id)
-            return self._unknown(instance_id)
-        # The sync service logs any failure as "[CreditSync] Error running credit sync task: ...";
-        # the caller gets a one-line message without internals.
-        try:
-            report = sync.run_targeted_sync(
-                self.engine,
-                self.billing,
-                [instance_id],
-                trigger="manual",
-                run_id=sync.new_run_id(),
-                options=sync.SyncOptions.from_settings(self.cfg),
-                log=sync_logger,
-            )
-        except BillingUnavailableError:
-            return _Outcome(
-                503,
-                {"error": "billing_unavailable", "message": "the billing API is unavailable; nothing changed, try again later"},
-                {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)},
-            )
-        except BillingAuthError:
-            return _Outcome(
-                502, {"error": "billing_error", "message": "the billing API refused creditsync's credentials; nothing changed"}
-            )
-        except BillingError:
-            return _Outcome(
-                502, {"error": "billing_error", "message": "the billing API answered something unusable; nothing changed"}
-            )
-        except appdb.AppDatabaseError:
-            return self._database_unavailable()
-        except RulesError:
-            return _Outcome(
-                503, {"error": "sync_failed", "message": "the sync cannot run with the current plans; nothing changed"}
-            )
-
-        if report.refused:
-            return _Outcome(503, {"error": "sync_refused", "message": "a guard rail refused the sync; nothing changed"})
-        if instance_id in report.unknown_instance_ids:
-            return self._unknown(instance_id)
-        unresolved = report.unresolved[report.unresolved["instance_id"] == instance_id]
-        if len(unresolved):
-            return self._unresolved(str(unresolved.iloc[0]["status"]), instance_id)
-        body: dict[str, Any] = {"instance_id": instance_id, "run_id": report.run_id}
-        applied = report.applied[report.applied["instance_id"] == instance_id]
-        if len(applied):
-            row = applied.iloc[0]
-            body.update(
-                changed=True,
-                outcome="updated",
-                old={"plan_id": _plain(row["old_plan_id"]), "credits_total": _plain(row["old_credits_total"])},
-                new={"plan_id": _plain(row["new_plan_id"]), "credits_total": _plain(row["new_credits_total"])},
-            )
-            if report.warnings:
-                body["warnings"] = list(report.warnings)
-            return _Outcome(200, body)
-        try:
-            current = self._current(instance_id)
-        except appdb.AppDatabaseError:  # nothing was applied: "nothing changed" holds
-            return self._database_unavailable()
-        if current is None:  # deleted while we synced
-            return self._unknown(instance_id)
-        mine = report.mismatches[report.mismatches["instance_id"] == instance_id]
-        kinds = [str(k) for k in mine["kind"]]
-        if not kinds:
-            outcome = "already_correct"
-        elif any(k in WRITABLE_KINDS for k in kinds):
-            outcome = "skipped"  # changed meanwhile (compare-and-set) or newer than billing
-        else:
-            outcome = "needs_attention"  # unknown_plan / invalid_record: reported, never written
-            body["kind"] = kinds[0]
-        body.update(changed=False, outcome=outcome, old=dict(current), new=dict(current))
-        return _Outcome(200, body)
-
-    def land(self, event: webhooks.WebhookEvent, lease_owner: str | None = None) -> appdb.LandedEvent:
-        """Land (and commit) the event's row; leased to ``lease_owner`` when given."""
-        return appdb.land_webhook_event(
-            self.engine,
-            event_id=event.event_id,
-            event_type=event.event_type,
-            instance_id=event.instance_id,
-            payload=event.payload,
-            lease_owner=lease_owner,
-            lease_seconds=appdb.DEFAULT_LEASE_SECONDS if lease_owner else None,
-        )
-
-    def health(self) -> None:
-        appdb.check_connection(self.engine)
-
-
-class _AccessLog:
-    """One line per request: method, path (never the query string), status, duration."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            client = scope.get("client")
-            path = scope.get("path", "")
-            access_logger.info(
-                "%s %s %s %d %.0fms",
-                client[0] if client else "-",
-                scope.get("method", "-"),
-                path if len(path) <= 200 else path[:200] + "...",
-                status,
-                (time.perf_counter() - started) * 1000,
-            )
 
 
 def create_app(
@@ -329,7 +118,7 @@ def create_app(
             raise
         owned.append(billing.close)
     limiter = rate_limiter if rate_limiter is not None else RateLimiter(cfg.sync_rate_limit, RATE_WINDOW_SECONDS)
-    service = _Service(cfg, engine, billing)
+    service = ManualSync(cfg, engine, billing)
     in_flight: set[str] = set()
     receiver: ReceiverSync | None = None  # started by the lifespan
 
@@ -339,16 +128,16 @@ def create_app(
             caller = tokens.verify_instance_token(token, app_secret, now=clock())
         except tokens.TokenError as exc:
             logger.warning("[CreditSync] Manual sync refused: %s (%s)", exc.code, exc.message)
-            return _error(401, exc.code, exc.message, _WWW_AUTHENTICATE)
+            return error_response(401, exc.code, exc.message, _WWW_AUTHENTICATE)
         instance_id = caller.instance_id
         if instance_id in in_flight:
-            return _error(429, "sync_in_progress", "a sync of this instance is already running; try again in a moment",
+            return error_response(429, "sync_in_progress", "a sync of this instance is already running; try again in a moment",
                           {"Retry-After": "1"}, retry_after=1)
         decision = limiter.acquire(instance_id)
         if not decision.allowed:
             logger.info("[CreditSync] Manual sync for instance %s rate-limited (retry after %d s)",
                         instance_id, decision.retry_after)
-            return _error(
+            return error_response(
                 429, "rate_limited",
                 f"at most {limiter.limit} sync(s) per instance every {limiter.window:g} s; try again in {decision.retry_after} s",
                 {"Retry-After": str(decision.retry_after)}, retry_after=decision.retry_after,
@@ -365,15 +154,15 @@ def create_app(
         """The raw body (verified byte for byte), or the error answer: too large, cut off."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > webhooks.MAX_EVENT_BYTES:
-            return _error(413, "payload_too_large", f"webhook bodies are limited to {webhooks.MAX_EVENT_BYTES} bytes")
+            return error_response(413, "payload_too_large", f"webhook bodies are limited to {webhooks.MAX_EVENT_BYTES} bytes")
         body = bytearray()
         try:
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > webhooks.MAX_EVENT_BYTES:
-                    return _error(413, "payload_too_large", f"webhook bodies are limited to {webhooks.MAX_EVENT_BYTES} bytes")
+                    return error_response(413, "payload_too_large", f"webhook bodies are limited to {webhooks.MAX_EVENT_BYTES} bytes")
         except ClientDisconnect:
-            return _error(400, "client_disconnected", "the request body was not received completely")
+            return error_response(400, "client_disconnected", "the request body was not received completely")
         return bytes(body)
 
     async def receive(
@@ -391,7 +180,7 @@ def create_app(
             event = await run_in_threadpool(verify, raw, request.headers)
         except webhooks.WebhookError as exc:
             logger.warning("[CreditSync] %s webhook refused: %s (%s)", provider, exc.code, exc.message)
-            return _error(exc.status, exc.code, exc.message)
+            return error_response(exc.status, exc.code, exc.message)
         reserved = receiver is not None and receiver.reserve()
         try:
             landed = await run_in_threadpool(service.land, event, receiver.owner if reserved else None)
@@ -399,7 +188,7 @@ def create_app(
             if reserved:
                 receiver.cancel()
             logger.error("[CreditSync] Webhook %s not landed: %s", log_safe(event.event_id), sync.one_line(exc))
-            return _error(503, "database_unavailable", "the event was not stored; retry later",
+            return error_response(503, "database_unavailable", "the event was not stored; retry later",
                           {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})
         sync_logger.info(
             "[CreditSync] Billing webhook event %s for instance %s (%s event %s%s)",
@@ -423,7 +212,7 @@ def create_app(
 
     async def webhook(request: Request) -> Response:
         if not webhook_secret:
-            return _error(503, "webhook_not_configured", "the webhook receiver is disabled: CREDITSYNC_WEBHOOK_SECRET is not set")
+            return error_response(503, "webhook_not_configured", "the webhook receiver is disabled: CREDITSYNC_WEBHOOK_SECRET is not set")
         return await receive(request, "generic", verify_generic)
 
     stripe_secret = str(cfg.stripe.webhook_secret)
@@ -446,12 +235,12 @@ def create_app(
 
     async def stripe_webhook(request: Request) -> Response:
         if not stripe_secret:
-            return _error(503, "webhook_not_configured", "the Stripe webhook receiver is disabled: STRIPE_WEBHOOK_SECRET is not set")
+            return error_response(503, "webhook_not_configured", "the Stripe webhook receiver is disabled: STRIPE_WEBHOOK_SECRET is not set")
         return await receive(request, "stripe", verify_stripe, remember_stripe_link)
 
     async def wix_webhook(request: Request) -> Response:
         if wix_verifier is None:
-            return _error(503, "webhook_not_configured", "the Wix webhook receiver is disabled: WIX_WEBHOOK_PUBLIC_KEY is not set")
+            return error_response(503, "webhook_not_configured", "the Wix webhook receiver is disabled: WIX_WEBHOOK_PUBLIC_KEY is not set")
         return await receive(request, "wix", lambda raw, headers: wix_verifier.parse(raw))
 
     async def healthz(request: Request) -> JSONResponse:
@@ -466,12 +255,12 @@ def create_app(
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}) or None)
+        return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}) or None)
 
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         # Starlette re-raises after this answer; the server logs the traceback.
         logger.error("[CreditSync] Internal error on %s: %s", request.url.path, type(exc).__name__)
-        return _error(500, "internal_error", "internal error; nothing was changed by this request")
+        return error_response(500, "internal_error", "internal error; nothing was changed by this request")
 
     @asynccontextmanager
     async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
@@ -523,7 +312,7 @@ def create_app(
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
     )
-    app.add_middleware(_AccessLog)
+    app.add_middleware(AccessLog)
     app.state.rate_limiter = limiter
     return app
 
