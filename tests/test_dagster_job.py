@@ -97,13 +97,13 @@ def test_the_report_read_back_from_the_event_log(world, sqlite_url, monkeypatch)
     assert mismatches["wrong_plan_count"].value == 12 and mismatches["wrong_credits_count"].value == 3
     summary = mismatches["summary"].value
     assert "**17 mismatch(es)**" in summary and "| `wrong_plan` | 12 |" in summary
-    # the narrow table: 5 short columns, every cell short, the reason cut
+    # the narrow table: 4 short columns, every cell short, the reason cut
     table = mismatches["mismatches"].value
-    assert [c.name for c in table.schema.columns] == ["instance_id", "kind", "plan", "credits", "why"]
+    assert [c.name for c in table.schema.columns] == ["instance_id", "kind", "change", "why"]
     assert len(table.records) == 17
     assert all(len(str(v)) <= max(render.REASON_CHARS, 40) for r in table.records for v in r.data.values())
     row = next(r.data for r in table.records if r.data["instance_id"] == "abc123")
-    assert row["kind"] == "wrong_plan" and row["credits"] == "100 → 5000" and " → " in row["plan"]
+    assert row["kind"] == "wrong_plan" and row["change"] == "free → pro, 100 → 5000"
 
     # credit_corrections: the corrected instances themselves (id, old -> new)
     corrections = md["credit_corrections"]

@@ -14,6 +14,8 @@ asset module only runs the sync and yields. What each asset shows, in reading or
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +29,16 @@ from ..sync import SyncReport
 #: rows shown inline in the UI; the full list is in the CSV report
 TABLE_ROWS = 50
 #: a reason longer than this is cut (the whole text is in the CSV)
-REASON_CHARS = 48
+REASON_CHARS = 30
+#: what the table's "why" drops of a reason: the "billing: " lead-in and the record's
+#: timestamp (both in the CSV), so the evidence itself fits the column at 1600 px
+_REASON_NOISE = re.compile(r"billing: |,? ?updated \d{4}-\d\d-\d\dT[^,)]*")
 
 _NARROW = TableSchema(
     columns=[
         TableColumn("instance_id", "string"),
         TableColumn("kind", "string"),
-        TableColumn("plan", "string", description="current → expected"),
-        TableColumn("credits", "string", description="current → expected"),
+        TableColumn("change", "string", description="plan, credits: current → expected"),
         TableColumn("why", "string", description="the reason, shortened (whole text in the CSV)"),
     ]
 )
@@ -61,8 +65,9 @@ def _arrow(old: Any, new: Any) -> str:
 
 
 def short(text: Any, limit: int = REASON_CHARS) -> str:
-    """``text`` on one line, cut to ``limit`` characters with an ellipsis."""
-    line = " ".join(_text(text).split())
+    """``text`` on one line without the lead-in and timestamps, cut to ``limit`` characters."""
+    line = " ".join(_REASON_NOISE.sub("", _text(text)).split()).replace("()", "").strip()
+    line = line.replace("no entitling subscription", "not entitled")
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
@@ -73,8 +78,8 @@ def mismatch_table(mismatches: pd.DataFrame, limit: int = TABLE_ROWS) -> Metadat
             {
                 "instance_id": _text(r.instance_id),
                 "kind": _text(r.kind),
-                "plan": _arrow(r.current_plan_id, r.expected_plan_id),
-                "credits": _arrow(r.current_credits_total, r.expected_credits_total),
+                "change": f"{_arrow(r.current_plan_id, r.expected_plan_id)}, "
+                f"{_arrow(r.current_credits_total, r.expected_credits_total)}",
                 "why": short(getattr(r, "reason", "")),
             }
         )
