@@ -38,9 +38,14 @@ def is_report_name(name: str) -> bool:
     return _REPORT_NAME.fullmatch(name) is not None
 
 
+#: what a link key's HMAC covers besides the file name: the app secret also signs instance
+#: tokens, so a link key must never be an HMAC of anything a token could carry
+_LINK_KEY_CONTEXT = b"creditsync report link\n"
+
+
 def link_key(secret: str, name: str) -> str:
-    """The key of a report link: HMAC-SHA256 of the file name with the app secret (hex)."""
-    return hmac.new(secret.encode("utf-8"), name.encode("utf-8"), hashlib.sha256).hexdigest()
+    """The key of a report link: HMAC-SHA256 (app secret) of a fixed context and the file name (hex)."""
+    return hmac.new(secret.encode("utf-8"), _LINK_KEY_CONTEXT + name.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def neutralise(value: object) -> object:

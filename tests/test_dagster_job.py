@@ -390,3 +390,15 @@ def test_the_settings_read_the_report_folder_and_the_public_url(tmp_path, monkey
     assert settings.from_env({}).report_folder() == Path("/srv/dagster/storage/creditsync_reports")
     with pytest.raises(settings.SettingsError, match="CREDITSYNC_PUBLIC_URL"):
         settings.from_env({"CREDITSYNC_PUBLIC_URL": "javascript:alert(1)"})
+
+
+def test_report_link_keys_are_bound_to_their_purpose() -> None:
+    """The app secret also signs instance tokens: a link key is never a bare HMAC of its text."""
+    import hashlib
+    import hmac
+
+    name = "credit_mismatches-run1.csv"
+    bare = hmac.new(APP_SECRET.encode(), name.encode(), hashlib.sha256).hexdigest()
+    assert reports.link_key(APP_SECRET, name) != bare
+    assert reports.link_key(APP_SECRET, name) == reports.link_key(APP_SECRET, name)
+    assert reports.link_key(APP_SECRET, name) != reports.link_key(APP_SECRET, "credit_mismatches-run2.csv")
