@@ -17,13 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -39,6 +33,7 @@ from creditsync_pipeline.server.tokens import sign_instance_token
 from creditsync_pipeline.settings import Secret, Settings, SettingsError, from_env
 from creditsync_pipeline.simulators.generic import BillingSimulator
 
+from . import helpers
 from .helpers import TOKEN, audit_rows, dump_tables, end_state, seeded
 
 with warnings.catch_warnings():
@@ -266,7 +261,6 @@ class Served:
 def creditsync_serve(db_url: str, billing_url: str, **env_overrides: str) -> Iterator[tuple[str, list[str]]]:
     """``creditsync serve`` as an operator runs it; yield its base URL and its log lines."""
     env = {
-        **os.environ,
         "DATABASE_URL": db_url,
         "BILLING_API_URL": billing_url,
         "BILLING_API_TOKEN": TOKEN,
@@ -274,38 +268,8 @@ def creditsync_serve(db_url: str, billing_url: str, **env_overrides: str) -> Ite
         "CREDITSYNC_RECEIVER_WORKERS": "0",
         **env_overrides,
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "creditsync_pipeline.cli", "serve", "--host", "127.0.0.1", "--port", "0"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    captured: list[str] = []
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            captured.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        port = None
-        while port is None:
-            line = lines.get(timeout=60)
-            assert line is not None, "serve exited early:\n" + "".join(captured)
-            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            port = int(match.group(1)) if match else None
-        yield f"http://127.0.0.1:{port}", captured
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=10)
+    with helpers.creditsync_serve(env) as serve:
+        yield serve.base_url, serve.captured
 
 
 class _Framing(BaseHTTPRequestHandler):

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import queue
 import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -40,7 +37,7 @@ from creditsync_pipeline.server.webhooks import SIGNATURE_HEADER, sign_webhook
 from creditsync_pipeline.settings import Secret, Settings
 from creditsync_pipeline.simulators.generic import BillingSimulator
 
-from .helpers import TOKEN, audit_rows, dump_tables, end_state, seeded
+from .helpers import TOKEN, audit_rows, creditsync_serve, dump_tables, end_state, seeded
 
 with warnings.catch_warnings():
     # Starlette 1.x prefers httpx2 for its TestClient and warns on import when it
@@ -519,48 +516,21 @@ def test_creditsync_serve_subprocess_end_to_end(world, db_url, tmp_path):
     """``creditsync serve`` as an operator runs it: real process, real port, logs on stderr."""
     data, sim = world
     env = {
-        **os.environ,
         "DATABASE_URL": db_url,
         "BILLING_API_URL": sim.base_url,
         "BILLING_API_TOKEN": TOKEN,
         "CREDITSYNC_APP_SECRET": APP_SECRET,
         "CREDITSYNC_WEBHOOK_SECRET": WEBHOOK_SECRET,
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "creditsync_pipeline.cli", "serve", "--host", "127.0.0.1", "--port", "0"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    captured: list[str] = []
-
-    def pump() -> None:
-        for line in proc.stderr:
-            captured.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
     token = token_for("abc123")
-    try:
-        port = None
-        while port is None:
-            line = lines.get(timeout=60)
-            assert line is not None, "serve exited early:\n" + "".join(captured)
-            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            port = int(match.group(1)) if match else None
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+    with creditsync_serve(env, stdout=subprocess.PIPE) as serve:
+        with httpx.Client(base_url=serve.base_url, timeout=30) as http:
             assert http.get("/healthz").status_code == 200
             assert http.post(SYNC, headers={"x-wix-instance": token[:-2]}).status_code == 401
             response = http.post(SYNC, headers={"x-wix-instance": token}, params={"instance": token})
             assert response.status_code == 200, response.text
             assert response.json()["changed"] is True
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    proc, captured = serve.proc, serve.captured
     log = "".join(captured) + (proc.stdout.read() if proc.stdout else "")
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says why it stopped
     assert proc.returncode in (0, -signal.SIGTERM), log
