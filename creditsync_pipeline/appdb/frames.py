@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -80,3 +80,27 @@ AUDIT_SPEC: dict[str, ColumnMaker] = {
     "reason": str_series,
     "applied_at": utc_series,
 }
+
+
+#: the ``instances`` timestamps the bulk reads send as microseconds since the epoch
+EPOCH_TIMESTAMPS = ("created_at", "updated_at")
+
+
+def instances_from_csv(source: IO[bytes], *, encoding: str = "utf-8") -> pd.DataFrame:
+    """The bulk reads' CSV of ``instances`` (the columns of ``INSTANCE_SPEC``, timestamps as
+    epoch microseconds, an empty timestamp field = NULL) as the ``read_instances`` frame."""
+    frame = pd.read_csv(
+        source,
+        header=None,
+        names=list(INSTANCE_SPEC),
+        dtype={"instance_id": "str", "plan_id": "str", "credits_total": "int64",
+               "credits_used": "int64", **{name: "Int64" for name in EPOCH_TIMESTAMPS}},
+        # Only an empty field (NULL) of a timestamp is missing; ids stay verbatim.
+        keep_default_na=False,
+        na_values={name: [""] for name in EPOCH_TIMESTAMPS},
+        encoding=encoding,
+        engine="c",
+    )
+    for name in EPOCH_TIMESTAMPS:
+        frame[name] = utc_from_epoch_micros(frame[name])
+    return frame

@@ -21,7 +21,7 @@ _INIT_LOCK_KEY = 0x6372_6564_7379_6E63  # "credsync": serialises concurrent init
 # zone or DateStyle; a NULL is an empty field): pandas parses an integer column in C with no
 # Python object per row, ~10x faster than ISO text -- which pays for the second timestamp.
 _EPOCH_US = "(EXTRACT(EPOCH FROM {0}) * 1000000)::bigint"
-_TIMESTAMPS = ("created_at", "updated_at")
+_TIMESTAMPS = frames.EPOCH_TIMESTAMPS
 _COPY_INSTANCES_SQL = (
     "COPY (SELECT instance_id, plan_id, credits_total, credits_used, "
     + ", ".join(_EPOCH_US.format(name) for name in _TIMESTAMPS)
@@ -102,21 +102,8 @@ class PostgreSQL(OnConflict):
         if not sink.tell():
             return frames.frame([], frames.INSTANCE_SPEC)
         sink.seek(0)
-        frame = pd.read_csv(
-            sink,
-            header=None,
-            names=list(frames.INSTANCE_SPEC),
-            dtype={"instance_id": "str", "plan_id": "str", "credits_total": "int64",
-                   "credits_used": "int64", **{name: "Int64" for name in _TIMESTAMPS}},
-            # Only an empty field (NULL) of a timestamp is missing; ids stay verbatim.
-            keep_default_na=False,
-            na_values={name: [""] for name in _TIMESTAMPS},
-            encoding=encoding,
-            engine="c",
-        )
+        frame = frames.instances_from_csv(sink, encoding=encoding)
         sink.close()
-        for name in _TIMESTAMPS:
-            frame[name] = frames.utc_from_epoch_micros(frame[name])
         return frame
 
 

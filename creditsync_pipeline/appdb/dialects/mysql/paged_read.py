@@ -14,7 +14,7 @@ from sqlalchemy import Connection
 
 from ... import frames
 
-_TIMESTAMPS = ("created_at", "updated_at")
+_TIMESTAMPS = frames.EPOCH_TIMESTAMPS
 #: First page of the full read; later pages are sized from the bytes per row seen.
 FIRST_PAGE_ROWS = 20_000
 MAX_PAGE_ROWS = 500_000
@@ -130,21 +130,8 @@ class PagedReader:
             return frames.frame([], frames.INSTANCE_SPEC)
         body = io.BytesIO(b"\n".join(self.pages))
         self.pages = []
-        frame = pd.read_csv(
-            body,
-            header=None,
-            names=list(frames.INSTANCE_SPEC),
-            dtype={"instance_id": "str", "plan_id": "str", "credits_total": "int64",
-                   "credits_used": "int64", **{name: "Int64" for name in _TIMESTAMPS}},
-            # Only an empty field (NULL) of a timestamp is missing; ids stay verbatim.
-            keep_default_na=False,
-            na_values={name: [""] for name in _TIMESTAMPS},
-            encoding="utf-8",
-            engine="c",
-        )
+        frame = frames.instances_from_csv(body)
         body.close()
         if len(frame) != self.rows:  # a NULL id or plan makes CONCAT NULL: GROUP_CONCAT skips the row
             return None
-        for name in _TIMESTAMPS:
-            frame[name] = frames.utc_from_epoch_micros(frame[name])
         return frame
